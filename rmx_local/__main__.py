@@ -1,0 +1,3 @@
+from rmx_local.cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""The backend seam: everything the pipeline needs from a deep-learning framework, and nothing more.
+
+A backend owns one model (the frozen base plus an optional LoRA correction) and its tokenizer. It can
+  - sample K completions per prompt                          (rollouts, evaluation)
+  - score teacher-forced full-vocabulary entropies            (decision points), always on the base model
+  - run the ReasonMaxxer loss forward/backward and step AdamW (training), base logits from the same
+    model with the adapter switched off (no second copy of the weights)
+  - hand its LoRA weights to / take them from the canonical `LoraAdapter`.
+
+Token ids are plain Python lists; entropies are float32 numpy arrays. Implementations: `torch_backend`
+(CPU, CUDA, MPS) and `mlx_backend` (Apple Silicon; Linux CPU for tests).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from rmx_local.adapter import LoraAdapter
+from rmx_local.errors import RmxError
+
+
+@dataclass
+class TrainExample:
+    tokens: list[int]  # prompt + completion
+    prompt_len: int
+    gate: np.ndarray  # (len(tokens) - prompt_len,) bool: decision points among completion tokens
+    advantage: float
+
+
+@dataclass
+class SampleParams:
+    n: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    max_tokens: int
+    seed: int
+
+
+Progress = Callable[[int], None]  # called with the number of new tokens produced
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any  # a transformers tokenizer (encode/decode/chat template)
+
+    def generate(self, prompts: list[list[int]], params: SampleParams, progress: Progress | None = None) -> list[list[list[int]]]:
+        """For each prompt, `params.n` completions (token ids, EOS stripped), using the current adapter state."""
+
+    def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """Base-model entropy (nats) of the distribution predicting each completion token of (tokens, prompt_len)."""
+
+    def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None: ...
+
+    def set_adapter_enabled(self, enabled: bool) -> None: ...
+
+    def accumulate(self, batch: list[TrainExample], kl_coef: float, negative_ce_cap: float, scale: float) -> dict[str, float]:
+        """Forward + backward of the loss on `batch`; gradients (times `scale`) add up until `step`."""
+
+    def step(self, lr: float, weight_decay: float, grad_clip: float) -> float:
+        """AdamW step on the accumulated gradients, then zero them; returns the pre-clip gradient norm."""
+
+    def get_adapter(self) -> LoraAdapter: ...
+
+    def set_adapter(self, adapter: LoraAdapter) -> None: ...
+
+    def save_optimizer(self, path: str) -> None: ...
+
+    def load_optimizer(self, path: str) -> None: ...
+
+
+def pick_backend_name(name: str) -> str:
+    if name == "auto":
+        return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
+    return name
+
+
+def load_backend(recipe, source, progress_note: Callable[[str], None] = lambda s: None) -> Backend:
+    name = pick_backend_name(recipe.backend)
+    if name == "torch":
+        try:
+            from rmx_local.backends.torch_backend import TorchBackend
+        except ImportError as e:
+            raise RmxError(f"backend torch needs PyTorch ({e})", fix="pip install torch transformers peft") from None
+        return TorchBackend.load(source, recipe, progress_note)
+    if name == "mlx":
+        try:
+            from rmx_local.backends.mlx_backend import MlxBackend
+        except ImportError as e:
+            raise RmxError(f"backend mlx needs mlx and mlx-lm ({e})", fix='pip install "mlx[cpu]" mlx-lm  (on a Mac: pip install mlx mlx-lm)') from None
+        return MlxBackend.load(source, recipe, progress_note)
+    raise RmxError(f"unknown backend {name!r}", fix='use backend = "torch", "mlx" or "auto"')

@@ -1,0 +1,241 @@
+"""PyTorch backend: transformers for the model and sampling, PEFT for the LoRA correction.
+
+CPU runs in fp32; CUDA in bf16 (LoRA weights stay fp32, PEFT's default). Base logits for the KL anchor and
+for entropy scoring come from the same model with the LoRA layers switched off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from rmx_local.adapter import PEFT_PREFIX, LoraAdapter
+from rmx_local.backends import Progress, SampleParams, TrainExample
+from rmx_local.errors import RmxError
+from rmx_local.loss import sequence_loss, token_entropy
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise RmxError("device = \"cuda\" but PyTorch sees no CUDA GPU", fix='set device = "auto" or "cpu"')
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class _TokenCounter:
+    """A transformers streamer that reports how many tokens each decoding step produced."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.first = progress, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.first:  # the first call carries the prompt
+            self.first = False
+            return
+        self.progress(int(value.shape[0]))
+
+    def end(self) -> None:
+        pass
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: Any, tokenizer: Any, device: str = "cpu", batch_size: int = 64, model_name: str = ""):
+        self.model = model.to(device)
+        self.model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+        self.model_name = model_name or getattr(model.config, "_name_or_path", "")
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lora: dict | None = None
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    @classmethod
+    def load(cls, source, recipe, note=lambda s: None) -> "TorchBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        device = pick_device(recipe.device)
+        dtype = pick_dtype(recipe.dtype, device)
+        note(f"loading {source.hf_path} on {device} ({str(dtype).removeprefix('torch.')})")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.hf_path, trust_remote_code=recipe.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source.hf_path, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+        except OSError as e:
+            hint = (f"download it first (`hf download {source.spec}`) or set HF_HUB_OFFLINE=0; or point model at a local folder"
+                    if source.is_hub_id else "check that the folder holds a complete transformers model")
+            raise RmxError(f"model: cannot load {source.spec!r}: {str(e).splitlines()[0]}", fix=hint) from None
+        return cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
+
+    # ---- sampling -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SampleParams, progress: Progress | None = None) -> list[list[list[int]]]:
+        from transformers import GenerationConfig
+
+        greedy = params.temperature == 0
+        n = 1 if greedy else params.n
+        config = GenerationConfig(
+            do_sample=not greedy, temperature=params.temperature if not greedy else None,
+            top_p=params.top_p if not greedy else None, top_k=0 if not greedy else None,
+            max_new_tokens=params.max_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+        )
+        flat = [p for p in prompts for _ in range(n)]
+        outputs: list[list[int]] = []
+        torch.manual_seed(params.seed)
+        for start in range(0, len(flat), self.batch_size):
+            chunk = flat[start : start + self.batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):  # left padding
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=config,
+                streamer=_TokenCounter(progress) if progress else None,
+            )
+            for row in out[:, width:].tolist():
+                outputs.append(self._strip(row))
+        result = [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return [r * params.n for r in result] if greedy and params.n > 1 else result
+
+    def _strip(self, row: list[int]) -> list[int]:
+        for i, t in enumerate(row):
+            if t in self.eos_ids:
+                return row[:i]
+        return row
+
+    # ---- entropy scoring ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        result = []
+        with self._adapter_off():
+            for tokens, prompt_len in sequences:
+                x = torch.tensor([tokens], device=self.device)
+                logits = self.model(input_ids=x).logits[0, prompt_len - 1 : len(tokens) - 1]
+                result.append(token_entropy(logits).cpu().numpy().astype(np.float32))
+        return result
+
+    # ---- LoRA and training ------------------------------------------------------------------------
+    def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise RmxError(f"train.targets: {missing} are not linear layers of this model",
+                           fix=f"choose from {sorted(names)}")
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+        self.model = get_peft_model(self.model, config)
+        self.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        if self.lora is not None:
+            (self.model.enable_adapter_layers if enabled else self.model.disable_adapter_layers)()
+
+    @contextlib.contextmanager
+    def _adapter_off(self):
+        if self.lora is None:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
+
+    def accumulate(self, batch: list[TrainExample], kl_coef: float, negative_ce_cap: float, scale: float) -> dict[str, float]:
+        self.model.train()
+        totals: dict[str, float] = {}
+        for ex in batch:
+            x = torch.tensor([ex.tokens], device=self.device)
+            with torch.no_grad(), self._adapter_off():
+                base_logits = self.model(input_ids=x).logits[0, :-1]
+            logits = self.model(input_ids=x).logits[0, :-1]
+            gate = torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device)
+            loss, metrics = sequence_loss(logits, base_logits, x[0], ex.prompt_len, gate, ex.advantage, kl_coef, negative_ce_cap)
+            if not torch.isfinite(loss):
+                raise RmxError("training: loss is NaN/inf", fix="lower train.lr, set train.negative_ce_cap, or use dtype = \"float32\"")
+            (loss * scale / len(batch)).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / len(batch)
+        self.model.eval()
+        return totals
+
+    def step(self, lr: float, weight_decay: float, grad_clip: float) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = lr, weight_decay
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _lora_params(self) -> dict[str, torch.nn.Parameter]:
+        out = {}
+        for name, p in self.model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                module, ab = name.removeprefix(PEFT_PREFIX).replace(".default", "").rsplit(".lora_", 1)
+                out[f"{module}.{ab[0]}"] = p
+        return out
+
+    def get_adapter(self) -> LoraAdapter:
+        params = self._lora_params()
+        modules = sorted({k[:-2] for k in params})
+        weights = {m: (params[f"{m}.A"].detach().float().cpu().numpy().copy(),
+                       params[f"{m}.B"].detach().float().cpu().numpy().copy()) for m in modules}
+        cfg = self.model.config
+        return LoraAdapter(
+            rank=self.lora["rank"], alpha=self.lora["alpha"], targets=sorted(self.lora["targets"]),
+            base_model=self.model_name, architecture=cfg.model_type,
+            model_config={"num_attention_heads": cfg.num_attention_heads, "hidden_size": cfg.hidden_size,
+                          "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+                          "num_hidden_layers": cfg.num_hidden_layers},
+            weights=weights,
+        )
+
+    def set_adapter(self, adapter: LoraAdapter) -> None:
+        if self.lora is None:
+            self.init_lora(adapter.rank, adapter.alpha, 0.0, adapter.targets, seed=0)
+        params = self._lora_params()
+        if set(params) != {f"{m}.{x}" for m in adapter.weights for x in "AB"}:
+            raise RmxError("adapter: its modules do not match this model's LoRA layers",
+                           fix="use the adapter with the base model it was trained on")
+        with torch.no_grad():
+            for m, (a, b) in adapter.weights.items():
+                params[f"{m}.A"].copy_(torch.from_numpy(a))
+                params[f"{m}.B"].copy_(torch.from_numpy(b))
+
+    def save_optimizer(self, path: str) -> None:
+        import io as _io
+
+        from rmx_local.io import atomic_write_bytes
+
+        buf = _io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    def load_optimizer(self, path: str) -> None:
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))

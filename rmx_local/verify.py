@@ -1,0 +1,293 @@
+"""Rule-based answer verifier: reward 1 if a completion's final answer matches the gold answer, else 0.
+
+Pipeline: `extract_answer` pulls one final-answer string out of the completion, `_clean` normalises it (and the
+gold), then a numeric fast path compares plain numbers exactly in-process; anything else goes to math-verify
+(`parse` + `verify`, gold first) in a worker process with a hard timeout.
+
+Shortcuts taken (deliberately simple, documented so nobody is surprised):
+- Extraction priority: the last `\\boxed{...}`/`\\fbox{...}` (balanced braces; an unclosed one is skipped), else
+  the last "answer is X" / "Answer: X" / "#### X" phrase (rest of that line, cut at the first sentence end), else
+  the last number in the text. Nothing found -> `parsed=None` (unparseable, counted apart from wrong answers).
+- Cleaning strips markdown bold, `$`/`\\(`/`\\[` delimiters, a trailing period, thousands commas, `\\text{}`
+  wrappers, and units/words after a leading number (`12 apples`, `$5.00` -> `5`). An equation keeps only the
+  text after its last `=` (`x = 5` -> `5`), so "x = 5" and "5" match, and so do "x = 5" and "y = 5".
+- Numeric fast path: ints, decimals, `a/b`, `\\frac{a}{b}` and negatives are compared exactly as fractions with
+  relative tolerance 1e-6. A percent is lenient, as in math-verify: `50%` matches both `50` and `0.5`.
+- Text answers (no number) match when equal after case-folding and removing spaces; otherwise math-verify
+  sees pure words as `\\text{...}` (else "$Paris$" would be the product P*a*r*i*s and equal "$Sirap$").
+- math-verify's own signal-based timeouts are off (`parsing_timeout=None`, `timeout_seconds=None`): signals only
+  work in the main thread. Instead one reusable worker process (spawn context, safe next to CUDA) runs each
+  call; a call that exceeds `timeout_s` kills the worker (restarted on next use) and the verdict is
+  incorrect-but-parsed. Worker start-up (importing sympy) is not counted against `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable
+
+from rmx_local.errors import RmxError
+
+log = logging.getLogger(__name__)
+
+REL_TOL = 1e-6
+_STARTUP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """`correct`: the reward (True = 1). `parsed`: the extracted final answer, None when unparseable."""
+
+    correct: bool
+    parsed: str | None
+
+
+# ---------------------------------------------------------------- extraction
+
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+(?![\d.]))?")
+_PHRASE_RE = re.compile(r"(?:answer\s*(?:is|:)\s*:?|####)[ \t]*([^\n]*)", re.IGNORECASE)
+_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|;|,\s|\s(?:because|since|which|so|as)\b", re.IGNORECASE)
+_LEADING_NUM_RE = re.compile(r"^([+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?)(\s*\\?%)?(?=\s|\\|$|[A-Za-z])(.*)$")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` whose braces balance (nested braces allowed)."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i]
+    return None
+
+
+def _phrase_answer(text: str) -> str | None:
+    """The X of the last "answer is X" / "Answer: X" / "#### X" phrase, cut at the end of its sentence."""
+    for m in reversed(list(_PHRASE_RE.finditer(text))):
+        rest = m.group(1).strip().replace("**", "").strip()
+        if rest.startswith("$") and rest.count("$") >= 2:  # an inline-math answer: keep it whole
+            rest = rest[: rest.index("$", rest.index("$") + 1) + 1]
+        else:
+            rest = _SENTENCE_END_RE.split(rest, maxsplit=1)[0]
+        cleaned = _clean(rest)
+        # A long phrase without a digit is prose ("Answer: Let's think step by step"), not an answer.
+        if cleaned and (re.search(r"[\d\\]", cleaned) or len(cleaned.split()) <= 4):
+            return cleaned
+    return None
+
+
+def _clean(s: str) -> str:
+    """Normalise an answer string: delimiters, bold, commas, units, `x = ` prefixes, trailing zeros."""
+    s = s.strip().replace("**", "").replace("__", "")
+    s = re.sub(r"\\[\(\)\[\]]|\\\$|\$", " ", s)  # \( \) \[ \] \$ $
+    s = re.sub(r"\\(?:left|right|displaystyle)\b|\\[,;:! ]", " ", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
+    s = s.strip().rstrip(".").strip()
+    if re.search(r"(?<![<>!\\])=(?!=)", s):  # an equation: keep the right-hand side
+        s = re.split(r"(?<![<>!\\])=(?!=)", s)[-1].strip()
+    text = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", s)
+    if text:
+        s = text.group(1).strip()
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+    m = _LEADING_NUM_RE.match(s)
+    if m and (not m.group(3).strip() or re.match(r"\s*(?:\\text|\\mathrm|\\mbox|[A-Za-z])", m.group(3))):
+        s = m.group(1).replace(" ", "") + ("%" if m.group(2) else "")
+    num = re.fullmatch(r"([+-]?)(\d*)\.(\d+)(%?)", s)  # 5.00 -> 5, 2.50 -> 2.5, .5 -> 0.5
+    if num:
+        frac = num.group(3).rstrip("0")
+        s = f"{num.group(1).lstrip('+')}{num.group(2) or '0'}{'.' + frac if frac else ''}{num.group(4)}"
+    return s.lstrip("+") if re.fullmatch(r"\+\d.*", s) else s
+
+
+def extract_answer(completion: str) -> str | None:
+    """The completion's final answer as a cleaned string, or None when there is no answer at all."""
+    boxed = _last_boxed(completion)
+    if boxed is not None and _clean(boxed):
+        return _clean(boxed)
+    phrase = _phrase_answer(completion)
+    if phrase:
+        return phrase
+    numbers = _NUMBER_RE.findall(completion)
+    return _clean(numbers[-1]) if numbers else None
+
+
+# ---------------------------------------------------------------- comparison
+
+def _as_number(s: str) -> tuple[Fraction, bool] | None:
+    """(value, is_percent) for plain numbers: ints, decimals, a/b, \\frac{a}{b}, negatives; else None."""
+    pct = s.endswith("%")
+    body = s[:-1].rstrip().removesuffix("\\") if pct else s
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", body)
+    if m:
+        body = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
+    if not re.fullmatch(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*-?\d+)?", body):
+        return None
+    try:
+        return Fraction(body.replace(" ", "")), pct
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _close(a: Fraction, b: Fraction) -> bool:
+    return a == b or math.isclose(float(a), float(b), rel_tol=REL_TOL, abs_tol=1e-12)
+
+
+def _numeric_equal(gold: tuple[Fraction, bool], pred: tuple[Fraction, bool]) -> bool:
+    (g, g_pct), (p, p_pct) = gold, pred
+    if g_pct == p_pct:
+        return _close(g, p)
+    return _close(g, p) or _close(g / 100 if g_pct else g, p / 100 if p_pct else p)
+
+
+def _text_key(s: str) -> str:
+    return re.sub(r"\s+|\\text\{|\}|\{", "", s).casefold()
+
+
+def _as_latex(s: str) -> str:
+    """Wrap a cleaned answer for math-verify's LaTeX extractor; pure words become `\\text{...}`."""
+    if re.fullmatch(r"[A-Za-z][A-Za-z '\-]+", s) and len(s) > 1:
+        return f"$\\text{{{s}}}$"
+    return f"${s}$"
+
+
+def _math_verify_equal(gold: str, pred: str) -> bool:
+    """Runs in the worker: math-verify parse + verify (gold first) with its signal timeouts disabled."""
+    from math_verify import parse, verify as mv_verify
+
+    g = parse(_as_latex(gold), parsing_timeout=None)  # type: ignore[arg-type]
+    p = parse(_as_latex(pred), parsing_timeout=None)  # type: ignore[arg-type]
+    if not g or not p:
+        return False
+    return bool(mv_verify(g, p, timeout_seconds=None))
+
+
+# ---------------------------------------------------------------- worker process with a hard timeout
+
+def _worker_main(conn: Any) -> None:
+    """Worker loop: import math-verify once, then answer (fn, args) requests until told to stop (None)."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that its own timeouts are off
+    import math_verify  # noqa: F401  (pay the sympy import before reporting ready)
+
+    conn.send("ready")
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        fn, args = request
+        try:
+            conn.send(("ok", fn(*args)))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which scores it as incorrect
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class _Worker:
+    """One lazily started, reused worker process; a call past its timeout kills it (restarted next time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+        self._pid = os.getpid()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="rmx-verify")
+        proc.start()
+        child.close()
+        if not parent.poll(_STARTUP_TIMEOUT_S) or parent.recv() != "ready":
+            proc.kill()
+            raise RmxError("verifier worker process did not start (math-verify import failed or hung)",
+                           fix="check that `python -c 'import math_verify'` works in this environment")
+        self._proc, self._conn = proc, parent
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join(5)
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> tuple[str, Any]:
+        """("ok", result), ("error", message) or ("timeout", None)."""
+        with self._lock:
+            if self._pid != os.getpid():  # we were forked: the pipe belongs to the parent
+                self._proc = self._conn = None
+                self._pid = os.getpid()
+            if self._proc is None or not self._proc.is_alive():
+                self._kill()
+                self._start()
+            try:
+                self._conn.send((fn, args))
+                if self._conn.poll(timeout_s):
+                    return self._conn.recv()
+            except (EOFError, OSError) as e:
+                self._kill()
+                return "error", f"worker died: {e}"
+            self._kill()
+            return "timeout", None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._pid == os.getpid():
+                try:
+                    self._conn.send(None)
+                    self._proc.join(2)
+                except OSError:
+                    pass
+                self._kill()
+
+
+_WORKER = _Worker()
+atexit.register(_WORKER.close)
+
+
+def _slow_check(gold: str, pred: str, timeout_s: float) -> bool:
+    status, result = _WORKER.call(_math_verify_equal, (gold, pred), timeout_s)
+    if status == "timeout":
+        log.warning("math-verify timed out after %.1fs on %r vs gold %r; scored incorrect", timeout_s, pred, gold)
+    elif status == "error":
+        log.warning("math-verify failed on %r vs gold %r (%s); scored incorrect", pred, gold, result)
+    return status == "ok" and bool(result)
+
+
+def _fast_verdict(completion: str, gold: str) -> tuple[Verdict | None, str | None, str]:
+    """(verdict if decided without math-verify, parsed answer, cleaned gold)."""
+    gold_clean = _clean(_last_boxed(gold) or gold)
+    parsed = extract_answer(completion)
+    if parsed is None:
+        return Verdict(False, None), None, gold_clean
+    g_num, p_num = _as_number(gold_clean), _as_number(parsed)
+    if g_num is not None and p_num is not None:
+        return Verdict(_numeric_equal(g_num, p_num), parsed), parsed, gold_clean
+    if _text_key(parsed) == _text_key(gold_clean):
+        return Verdict(True, parsed), parsed, gold_clean
+    return None, parsed, gold_clean
+
+
+def verify(completion: str, gold: str, timeout_s: float = 5.0) -> Verdict:
+    """Score one completion against its gold answer (see the module docstring for the rules)."""
+    verdict, parsed, gold_clean = _fast_verdict(completion, gold)
+    if verdict is not None:
+        return verdict
+    assert parsed is not None
+    return Verdict(_slow_check(gold_clean, parsed, timeout_s), parsed)
+
+
+def verify_many(completions: list[str], golds: list[str], timeout_s: float = 5.0) -> list[Verdict]:
+    """`verify` over pairs; only the answers the fast path cannot decide make the trip to the worker."""
+    if len(completions) != len(golds):
+        raise ValueError(f"verify_many: {len(completions)} completions but {len(golds)} golds")
+    return [verify(c, g, timeout_s) for c, g in zip(completions, golds)]
