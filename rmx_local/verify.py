@@ -16,29 +16,32 @@ Shortcuts taken (deliberately simple, documented so nobody is surprised):
 - Text answers (no number) match when equal after case-folding and removing spaces; otherwise math-verify
   sees pure words as `\\text{...}` (else "$Paris$" would be the product P*a*r*i*s and equal "$Sirap$").
 - math-verify's own signal-based timeouts are off (`parsing_timeout=None`, `timeout_seconds=None`): signals only
-  work in the main thread. Instead one reusable worker process (spawn context, safe next to CUDA) runs each
-  call; a call that exceeds `timeout_s` kills the worker (restarted on next use) and the verdict is
-  incorrect-but-parsed. Worker start-up (importing sympy) is not counted against `timeout_s`.
+  work in the main thread. Instead one reusable worker process (a fresh interpreter, safe next to CUDA and
+  unguarded scripts) runs each call; a call that exceeds `timeout_s` kills the worker (restarted on next use)
+  and the verdict is incorrect-but-parsed. Worker start-up (importing sympy, ~1 s) is not counted in `timeout_s`.
+  Calls are serialised through that one worker (verify_many goes one pair at a time, fast path in-process).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import math
 import multiprocessing as mp
 import os
 import re
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from rmx_local.errors import RmxError
 
 log = logging.getLogger(__name__)
 
-REL_TOL = 1e-6
+REL_TOL = Fraction(1, 10**6)
 _STARTUP_TIMEOUT_S = 120.0
 
 
@@ -53,7 +56,7 @@ class Verdict:
 # ---------------------------------------------------------------- extraction
 
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+(?![\d.]))?")
-_PHRASE_RE = re.compile(r"(?:answer\s*(?:is|:)\s*:?|####)[ \t]*([^\n]*)", re.IGNORECASE)
+_PHRASE_RE = re.compile(r"(?:answer\s*(?:is\b|:)\s*:?|####)[ \t]*([^\n]*)", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|;|,\s|\s(?:because|since|which|so|as)\b", re.IGNORECASE)
 _LEADING_NUM_RE = re.compile(r"^([+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?)(\s*\\?%)?(?=\s|\\|$|[A-Za-z])(.*)$")
 
@@ -90,6 +93,7 @@ def _clean(s: str) -> str:
     s = s.strip().replace("**", "").replace("__", "")
     s = re.sub(r"\\[\(\)\[\]]|\\\$|\$", " ", s)  # \( \) \[ \] \$ $
     s = re.sub(r"\\(?:left|right|displaystyle)\b|\\[,;:! ]", " ", s)
+    s = re.sub(r"\^\{?\\circ\}?", "", s)  # degrees
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
     s = s.strip().rstrip(".").strip()
     if re.search(r"(?<![<>!\\])=(?!=)", s):  # an equation: keep the right-hand side
@@ -99,7 +103,7 @@ def _clean(s: str) -> str:
         s = text.group(1).strip()
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     m = _LEADING_NUM_RE.match(s)
-    if m and (not m.group(3).strip() or re.match(r"\s*(?:\\text|\\mathrm|\\mbox|[A-Za-z])", m.group(3))):
+    if m and (not m.group(3).strip() or re.match(r"\s*\\(?:text|mathrm|mbox)\b|\s+[A-Za-z]", m.group(3))):
         s = m.group(1).replace(" ", "") + ("%" if m.group(2) else "")
     num = re.fullmatch(r"([+-]?)(\d*)\.(\d+)(%?)", s)  # 5.00 -> 5, 2.50 -> 2.5, .5 -> 0.5
     if num:
@@ -110,9 +114,9 @@ def _clean(s: str) -> str:
 
 def extract_answer(completion: str) -> str | None:
     """The completion's final answer as a cleaned string, or None when there is no answer at all."""
-    boxed = _last_boxed(completion)
-    if boxed is not None and _clean(boxed):
-        return _clean(boxed)
+    boxed = _clean(_last_boxed(completion) or "")
+    if boxed:
+        return boxed
     phrase = _phrase_answer(completion)
     if phrase:
         return phrase
@@ -138,7 +142,8 @@ def _as_number(s: str) -> tuple[Fraction, bool] | None:
 
 
 def _close(a: Fraction, b: Fraction) -> bool:
-    return a == b or math.isclose(float(a), float(b), rel_tol=REL_TOL, abs_tol=1e-12)
+    """Relative tolerance REL_TOL, computed exactly (no float overflow on huge numbers)."""
+    return abs(a - b) <= REL_TOL * max(abs(a), abs(b))
 
 
 def _numeric_equal(gold: tuple[Fraction, bool], pred: tuple[Fraction, bool]) -> bool:
@@ -149,14 +154,14 @@ def _numeric_equal(gold: tuple[Fraction, bool], pred: tuple[Fraction, bool]) -> 
 
 
 def _text_key(s: str) -> str:
-    return re.sub(r"\s+|\\text\{|\}|\{", "", s).casefold()
+    return re.sub(r"\s+", "", s).casefold()
 
 
 def _as_latex(s: str) -> str:
     """Wrap a cleaned answer for math-verify's LaTeX extractor; pure words become `\\text{...}`."""
     if re.fullmatch(r"[A-Za-z][A-Za-z '\-]+", s) and len(s) > 1:
         return f"$\\text{{{s}}}$"
-    return f"${s}$"
+    return "$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"  # a bare % would start a LaTeX comment
 
 
 def _math_verify_equal(gold: str, pred: str) -> bool:
@@ -172,8 +177,10 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
 
 # ---------------------------------------------------------------- worker process with a hard timeout
 
-def _worker_main(conn: Any) -> None:
-    """Worker loop: import math-verify once, then answer (fn, args) requests until told to stop (None)."""
+def _worker_main(fd: int) -> None:
+    """Worker loop (run as `python -c ...`): import math-verify, then answer (fn, args) requests until None."""
+    conn = Connection(fd)
+    os.dup2(2, 1)  # stray prints from sympy & co. go to stderr, never into the parent's stdout
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that its own timeouts are off
     import math_verify  # noqa: F401  (pay the sympy import before reporting ready)
 
@@ -193,22 +200,33 @@ def _worker_main(conn: Any) -> None:
 
 
 class _Worker:
-    """One lazily started, reused worker process; a call past its timeout kills it (restarted next time)."""
+    """One lazily started, reused worker process; a call past its timeout kills it (restarted next time).
+
+    A fresh interpreter (subprocess + socketpair) rather than multiprocessing: `fork` is unsafe next to
+    CUDA/threads, and `spawn` re-imports the caller's `__main__`, which breaks unguarded scripts.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: Any = None
-        self._conn: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
         self._pid = os.getpid()
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="rmx-verify")
-        proc.start()
+        parent, child = mp.Pipe(duplex=True)
+        paths = [os.path.abspath(p or os.curdir) for p in sys.path if isinstance(p, str)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        code = "import sys; from rmx_local.verify import _worker_main; _worker_main(int(sys.argv[1]))"
+        proc = subprocess.Popen([sys.executable, "-c", code, str(child.fileno())], pass_fds=(child.fileno(),),
+                                env=env, stdin=subprocess.DEVNULL)
         child.close()
-        if not parent.poll(_STARTUP_TIMEOUT_S) or parent.recv() != "ready":
+        try:
+            ready = parent.poll(_STARTUP_TIMEOUT_S) and parent.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
             proc.kill()
+            proc.wait()
             raise RmxError("verifier worker process did not start (math-verify import failed or hung)",
                            fix="check that `python -c 'import math_verify'` works in this environment")
         self._proc, self._conn = proc, parent
@@ -216,22 +234,24 @@ class _Worker:
     def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
-            self._proc.join(5)
+            self._proc.wait()
+        if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
 
     def call(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> tuple[str, Any]:
         """("ok", result), ("error", message) or ("timeout", None)."""
         with self._lock:
-            if self._pid != os.getpid():  # we were forked: the pipe belongs to the parent
+            if self._pid != os.getpid():  # we were forked: the worker and pipe belong to the parent
                 self._proc = self._conn = None
                 self._pid = os.getpid()
-            if self._proc is None or not self._proc.is_alive():
+            if self._proc is None or self._proc.poll() is not None:
                 self._kill()
                 self._start()
+            assert self._conn is not None
             try:
                 self._conn.send((fn, args))
-                if self._conn.poll(timeout_s):
+                if self._conn.poll(max(timeout_s, 0.0)):
                     return self._conn.recv()
             except (EOFError, OSError) as e:
                 self._kill()
@@ -240,14 +260,17 @@ class _Worker:
             return "timeout", None
 
     def close(self) -> None:
+        """Stop the worker (registered with atexit)."""
         with self._lock:
-            if self._proc is not None and self._pid == os.getpid():
-                try:
-                    self._conn.send(None)
-                    self._proc.join(2)
-                except OSError:
-                    pass
-                self._kill()
+            if self._proc is None or self._pid != os.getpid():
+                return
+            try:
+                assert self._conn is not None
+                self._conn.send(None)
+                self._proc.wait(2)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            self._kill()
 
 
 _WORKER = _Worker()

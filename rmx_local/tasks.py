@@ -1,0 +1,206 @@
+"""Problems and prompts: a seeded arithmetic generator, JSONL loading (GSM8K or generic), prompt building.
+
+Arithmetic problems (`arith_problems`). Every difficulty has a finite space of S distinct questions
+(`arith_space_size`: single 255, word 84,816, two_step 9,254). Problem index i is element (i mod S) of a
+permutation of that space drawn with `random.Random(seed)`, so (difficulty, seed, i) fully determines the
+problem and its id (`arith-{difficulty}-{seed}-{i}`). Within any S consecutive indices no question repeats, so
+index ranges that are disjoint modulo S give disjoint question sets; e.g. train = [0, n_train) and
+eval = [S - n_eval, S) never share a question while n_train + n_eval <= S. Indices past S wrap around
+(ids stay distinct, question texts repeat): offsets like 1_000_000 are accepted but are NOT disjoint from
+train for small spaces, so either pick offsets with `arith_space_size` or dedupe by question text.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rmx_local.errors import RmxError
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# No system prompt override: chat prompts keep the tokenizer's own default system prompt.
+SYSTEM_PROMPT: str | None = None
+RAW_TEMPLATE = "Question: {question}\n" + INSTRUCTION + "\nAnswer: Let's think step by step."
+TEMPLATES = ("chat", "raw", "auto")
+DIFFICULTIES = ("single", "word", "two_step")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question with its gold final answer; `id` is stable across runs (e.g. "arith-single-0-17")."""
+
+    id: str
+    question: str
+    answer: str
+
+
+# ---------------------------------------------------------------- the arithmetic question spaces
+
+NAMES = ("Tom", "Ana", "Ben", "Mia", "Sam", "Lily", "Omar", "Zoe")
+ITEMS = ("apples", "coins", "books", "marbles", "stickers", "pencils")
+
+# One-step word templates: (text, op); a >= 2 keeps plurals right, and b <= a keeps differences >= 0.
+WORD_TEMPLATES = (
+    ("{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", "+"),
+    ("There are {a} {item} in a box. {name} puts in {b} more. How many {item} are in the box now?", "+"),
+    ("{name} bought {a} {item} on Monday and {b} more on Tuesday. How many {item} did {name} buy in total?", "+"),
+    ("{name} has {a} {item} and gives {b} of them away. How many {item} does {name} have left?", "-"),
+    ("There are {a} {item} on a table. {name} takes {b} of them. How many {item} are left on the table?", "-"),
+    ("{name} had {a} {item} and lost {b} of them. How many {item} does {name} have now?", "-"),
+)
+
+# Two-step word templates: (text, answer as a function of a, b, c).
+TWO_STEP_TEMPLATES: tuple[tuple[str, Callable[[int, int, int], int]], ...] = (
+    ("{name} has {a} marbles, gets {b} more, and then gives {c} away. How many marbles does {name} have now?",
+     lambda a, b, c: a + b - c),
+    ("{name} has {a} bags with {b} cookies in each bag and {c} more cookies on a plate. "
+     "How many cookies does {name} have in total?", lambda a, b, c: a * b + c),
+    ("{name} has {a} stickers and gives {b} to each of {c} friends. How many stickers does {name} have left?",
+     lambda a, b, c: a - b * c),
+)
+TWO_STEP_RANGES = ((range(5, 16), range(1, 7), range(1, 7)),
+                   (range(2, 5), range(2, 7), range(1, 7)),
+                   (range(10, 21), range(1, 4), range(2, 4)))
+
+
+def _apply(x: int, op: str, y: int) -> int:
+    return x + y if op == "+" else x - y if op == "-" else x * y
+
+
+def _two_ops(a: int, op1: str, b: int, op2: str, c: int) -> int | None:
+    """Value of `a op1 b op2 c` with × before +/-, or None if it or a partial result is negative."""
+    if op2 == "×" and op1 != "×":
+        partial = b * c
+        value = _apply(a, op1, partial)
+    else:
+        partial = _apply(a, op1, b)
+        value = _apply(partial, op2, c)
+    return value if partial >= 0 and value >= 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _space(difficulty: str) -> tuple[tuple[Any, ...], ...]:
+    """All distinct (question, answer) recipes of a difficulty, in a fixed canonical order."""
+    ops = ("+", "-", "×")
+    if difficulty == "single":
+        return tuple(("expr", f"{a} {op} {b}", _apply(a, op, b))
+                     for op in ops for a in range(10) for b in range(10) if _apply(a, op, b) >= 0)
+    if difficulty == "word":
+        return tuple(("word", t, a, b, name, item)
+                     for t, (_, op) in enumerate(WORD_TEMPLATES)
+                     for a in range(2, 21) for b in range(1, 21) if op == "+" or b <= a
+                     for name in range(len(NAMES)) for item in range(len(ITEMS)))
+    if difficulty == "two_step":
+        exprs = [("expr", f"{a} {o1} {b} {o2} {c}", v)
+                 for o1 in ops for o2 in ops for a in range(1, 10) for b in range(1, 10) for c in range(1, 10)
+                 if (v := _two_ops(a, o1, b, o2, c)) is not None]
+        words = [("word2", t, a, b, c, name)
+                 for t, (ra, rb, rc) in enumerate(TWO_STEP_RANGES)
+                 for a in ra for b in rb for c in rc if TWO_STEP_TEMPLATES[t][1](a, b, c) >= 0
+                 for name in range(len(NAMES))]
+        return tuple(exprs + words)
+    raise RmxError(f"unknown arithmetic difficulty {difficulty!r}", fix=f"use one of {', '.join(DIFFICULTIES)}")
+
+
+def _render(recipe: tuple[Any, ...]) -> tuple[str, int]:
+    """(question text, integer answer) for one recipe of `_space`."""
+    kind = recipe[0]
+    if kind == "expr":
+        return f"What is {recipe[1]}?", recipe[2]
+    if kind == "word":
+        _, t, a, b, name, item = recipe
+        text, op = WORD_TEMPLATES[t]
+        return text.format(name=NAMES[name], item=ITEMS[item], a=a, b=b), _apply(a, op, b)
+    _, t, a, b, c, name = recipe
+    text, answer = TWO_STEP_TEMPLATES[t]
+    return text.format(name=NAMES[name], a=a, b=b, c=c), answer(a, b, c)
+
+
+@functools.lru_cache(maxsize=16)
+def _order(difficulty: str, seed: int) -> tuple[int, ...]:
+    """The seeded permutation of the difficulty's space: index i -> position in `_space`."""
+    order = list(range(len(_space(difficulty))))
+    random.Random(seed).shuffle(order)
+    return tuple(order)
+
+
+def arith_space_size(difficulty: str) -> int:
+    """How many distinct questions `difficulty` has (the exclusive upper bound for indices)."""
+    return len(_space(difficulty))
+
+
+def arith_problems(difficulty: str, n: int, seed: int, offset: int = 0) -> list[Problem]:
+    """Problems with indices offset .. offset+n-1 of the seeded sequence (see the module docstring)."""
+    size = arith_space_size(difficulty)
+    if n < 0 or offset < 0:
+        raise RmxError(f"arith problems: n={n} and offset={offset} must be >= 0", fix="use non-negative values")
+    order = _order(difficulty, seed)
+    problems = []
+    for i in range(offset, offset + n):
+        question, answer = _render(_space(difficulty)[order[i % size]])
+        problems.append(Problem(id=f"arith-{difficulty}-{seed}-{i}", question=question, answer=str(answer)))
+    return problems
+
+
+# ---------------------------------------------------------------- JSONL files
+
+def _gold_from(answer: Any) -> str:
+    """GSM8K answers carry their gold after '#### ' (commas stripped); other answers are taken as they are."""
+    text = str(answer).strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    return text
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """Problems from a JSONL file: GSM8K (`question`, `answer` with '#### gold') or `problem`/`question` + `answer`.
+
+    Ids are f"{file stem}-{line number}" (1-based, blank lines count), so they are stable while the file is.
+    """
+    p = Path(path)
+    fix_format = 'write one JSON object per line, e.g. {"question": "What is 2 + 3?", "answer": "5"}'
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # tolerate a BOM
+    except FileNotFoundError:
+        raise RmxError(f"{path}: problems file not found", fix="check the path (relative to the current folder)")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RmxError(f"{path}: cannot read problems file ({type(e).__name__})", fix="point to a UTF-8 .jsonl file")
+    problems = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RmxError(f"{where}: not valid JSON ({e.msg})", fix=fix_format) from None
+        question = obj.get("question", obj.get("problem")) if isinstance(obj, dict) else None
+        answer = obj.get("answer") if isinstance(obj, dict) else None
+        if not isinstance(question, str) or not question.strip() or answer is None or not _gold_from(answer):
+            raise RmxError(f"{where}: needs a non-empty 'question' (or 'problem') and 'answer'", fix=fix_format)
+        problems.append(Problem(id=f"{p.stem}-{lineno}", question=question.strip(), answer=_gold_from(answer)))
+    if not problems:
+        raise RmxError(f"{path}: no problems in file (it is empty)", fix=fix_format)
+    return problems
+
+
+# ---------------------------------------------------------------- prompts
+
+def build_prompt(tokenizer: Any, question: str, template: str) -> str:
+    """The text fed to the model: "chat" (the tokenizer's chat template), "raw" (base models) or "auto"."""
+    if template not in TEMPLATES:
+        raise RmxError(f"prompt template {template!r} is unknown", fix=f"use one of {', '.join(TEMPLATES)}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "auto":
+        template = "chat" if has_chat else "raw"
+    if template == "raw":
+        return RAW_TEMPLATE.replace("{question}", question)
+    if not has_chat:
+        raise RmxError("prompt template 'chat': this tokenizer has no chat template",
+                       fix='use template = "raw" (or "auto") for base models')
+    messages = [{"role": "user", "content": question + "\n" + INSTRUCTION}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
