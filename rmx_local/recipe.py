@@ -53,6 +53,7 @@ class RolloutConfig:
 class SelectConfig:
     max_problems: int = 50  # mixed problems kept, closest to 50% correct first
     trim_longest: float = 0.0  # drop this fraction of the longest rollouts
+    advantage_clip: float = 2.5  # A = (r - mean) / max(std, 1e-8), clipped to +-this
 
 
 @dataclass
@@ -76,7 +77,6 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 8
     grad_clip: float = 1.0
-    advantage_clip: float = 2.5
     kl_coef: float = 0.2
     negative_ce_cap: float = 0.0  # 0 = unbounded (paper); >0 stops pushing a negative token once its CE exceeds this
     positive_only: bool = False  # control: drop negative-advantage rollouts
@@ -213,11 +213,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         for k in reversed(keys[:-1]):
             nested = {k: nested}
         _fill(recipe, nested, f"override `{text}`")
-    _check_ranges(recipe)
+    _check_ranges(recipe, str(path) if path is not None else "recipe")
     return recipe
 
 
-def _check_ranges(r: Recipe) -> None:
+def _check_ranges(r: Recipe, where: str) -> None:
     checks = [
         (r.rollout.n >= 2, "rollout.n must be >= 2 (advantages need several rollouts per problem)"),
         (0 < r.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
@@ -232,7 +232,7 @@ def _check_ranges(r: Recipe) -> None:
     ]
     for ok, msg in checks:
         if not ok:
-            raise RmxError(f"recipe: {msg}")
+            raise RmxError(f"{where}: {msg}")
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

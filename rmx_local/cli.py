@@ -1,0 +1,123 @@
+"""Command line: `rmx-local run recipes/quickstart.toml train.lr=3e-4`, `rmx-local recipes list`, ..."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from rmx_local.errors import RmxError
+from rmx_local.recipe import load_recipe, recipe_to_toml
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _fail(e: RmxError) -> None:
+    click.echo(f"error: {e.line()}", err=True)
+    sys.exit(2)
+
+
+class Group(click.Group):
+    """Turns RmxError into one line on stderr and Ctrl-C into a resume hint, for every command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RmxError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is saved; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="rmx-local")
+def main() -> None:
+    """rmx-local: make a small LM better at math by re-ranking its own decision points (ReasonMaxxer)."""
+
+
+def _recipe_path(name: str) -> Path:
+    p = Path(name)
+    if p.is_file():
+        return p
+    bundled = RECIPES / (name if name.endswith(".toml") else f"{name}.toml")
+    if bundled.is_file():
+        return bundled
+    raise RmxError(f"recipe not found: {name}", fix="`rmx-local recipes list` shows the bundled recipes")
+
+
+@main.command()
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
+def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> None:
+    """Run the whole pipeline for RECIPE (a path or a bundled name), with key=value OVERRIDES."""
+    from rmx_local.ui import UI
+
+    r = load_recipe(_recipe_path(recipe), list(overrides))
+    ui = UI(rich=False if plain else None)
+    ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
+    if dry_run:
+        return
+    from rmx_local.pipeline import run_pipeline
+
+    summary = run_pipeline(r, ui)
+    print_summary(ui, summary)
+
+
+def print_summary(ui, summary: dict) -> None:
+    def pct(ms) -> str:
+        return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+    rows = []
+    for metric, row in summary["eval"].items():
+        name = "greedy accuracy" if metric == "greedy" else "pass@1 (sampled)"
+        adapted = row.get("adapted")
+        delta = row.get("delta")
+        rows.append([name, pct(row["base"]), pct(adapted) if adapted else "-",
+                     f"{delta[0]:+.3f} ± {delta[1]:.3f} ({delta[0] / delta[1]:+.1f} SE)" if delta and delta[1] > 0 else "-"])
+        rows.append([f"  unparseable ({name.split()[0]})", f"{row['base_unparseable']:.3f}",
+                     f"{row.get('adapted_unparseable', 0):.3f}", ""])
+    if rows:
+        ui.table(f"base vs adapted on {summary['eval_problems']} held-out problems", ["metric", "base", "adapted", "adapted - base"], rows)
+    t = [[k, f"{v:.1f}"] for k, v in summary["timings_s"].items()]
+    t += [[k, f"{v:,.0f}"] for k, v in summary["rates"].items()]
+    t += [["total (s)", f"{summary['total_s']:.1f}"], ["peak RSS (MB)", f"{summary['peak_rss_mb']:,.0f}"],
+          ["gated fraction / tau", f"{summary['gated_fraction']:.3f} / {summary['tau']:.3f}"],
+          ["training problems / sequences", f"{summary['train_problems']} / {summary['train_sequences']}"],
+          ["chosen step (of)", f"{summary['train']['best_step']} ({summary['train']['steps']})"]]
+    ui.table("run", ["stage / figure", "value"], t)
+
+
+@main.group()
+def recipes() -> None:
+    """List, show or copy the bundled recipes."""
+
+
+@recipes.command("list")
+def recipes_list() -> None:
+    for p in sorted(RECIPES.glob("*.toml")):
+        first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines() if ln.startswith("# ") and "rmx-local run" not in ln), "")
+        click.echo(f"{p.stem:<20} {first}")
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name: str) -> None:
+    click.echo(_recipe_path(name).read_text())
+
+
+@recipes.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+def recipes_copy(name: str, dest: str) -> None:
+    src, out = _recipe_path(name), Path(dest)
+    if out.is_dir():
+        out = out / src.name
+    if out.exists():
+        raise RmxError(f"{out} already exists", fix="choose another destination or delete it first")
+    shutil.copyfile(src, out)
+    click.echo(f"copied {src.name} -> {out}")

@@ -1,0 +1,109 @@
+"""`rmx-local run`: rollouts -> verify/select/advantage -> entropy/gate -> train -> eval -> save (-> export).
+
+Each stage resumes from what the run folder already holds. The folder ends with:
+  adapter/            PEFT LoRA (adapter_model.safetensors + adapter_config.json) of the chosen checkpoint
+  recipe.toml         the resolved recipe;  manifest.json  versions, seed, recipe hash, data hash
+  summary.json        selection stats, gate report, training report, base vs adapted table, timings
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+from rmx_local import __version__
+from rmx_local.adapter import load_peft, save_peft
+from rmx_local.io import atomic_write_json, atomic_write_text
+from rmx_local.recipe import Recipe, recipe_to_toml
+from rmx_local.stages import RunContext
+from rmx_local.stages.evaluate import cached_eval, summarize
+from rmx_local.stages.gate import compute_gate, run_entropies
+from rmx_local.stages.rollouts import run_rollouts, split_problems
+from rmx_local.stages.select import run_select
+from rmx_local.stages.train import build_examples, run_train
+from rmx_local.ui import UI
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def versions() -> dict[str, str]:
+    out = {"rmx-local": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "mlx", "mlx_lm", "llama_cpp", "gguf", "math_verify"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
+    ui = ui or UI()
+    run_dir = Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(recipe, run_dir, ui)
+    t_start = time.time()
+    atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+
+    splits = split_problems(ctx)
+    rollouts = run_rollouts(ctx, splits["train"])
+    selected = run_select(ctx, splits["train"], rollouts)
+    s = selected["stats"]
+    ui.line(f"select: accuracy {s['accuracy']:.3f} over {s['rollouts']} rollouts, unparseable {s['unparseable']:.3f}; "
+            f"{s['mixed']} mixed problems ({s['all_right']} all right, {s['all_wrong']} all wrong); "
+            f"kept {s['selected_problems']} problems, {s['sequences']} sequences")
+
+    seqs = selected["sequences"]
+    entropies = run_entropies(ctx, seqs)
+    g = recipe.gate
+    gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed)
+    atomic_write_json(run_dir / "gate.json", gate_report)
+    ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
+            f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
+
+    examples = build_examples(seqs, gates, recipe.train.positive_only)
+    eval_key = recipe.section_hash("model", "task", "eval", "seed")
+    base_eval = None
+    if splits["eval"]:
+        base_eval = cached_eval(ctx, splits["eval"], "base", eval_key)
+    report = run_train(ctx, examples, splits["val"])
+    adapter_dir = ctx.path("train", report["key"], f"step-{report['best_step']}", "adapter")
+    adapter = load_peft(adapter_dir)
+    adapter.base_model = recipe.model
+    save_peft(adapter, run_dir / "adapter")
+
+    adapted_eval = None
+    if splits["eval"]:
+        if not ctx.path("eval", f"adapted-{report['key']}-{eval_key}.json").exists():
+            ctx.backend.set_adapter(adapter)
+            ctx.backend.set_adapter_enabled(True)
+        adapted_eval = cached_eval(ctx, splits["eval"], "adapted", f"{report['key']}-{eval_key}")
+
+    table = summarize(base_eval, adapted_eval) if base_eval else {}
+    data_hash = hashlib.sha256(json.dumps([(x["id"], x["k"], x["completion_ids"]) for x in seqs]).encode()).hexdigest()[:16]
+    manifest = {"versions": versions(), "seed": recipe.seed, "recipe_hash": recipe.hash(), "data_hash": data_hash,
+                "model": recipe.model, "backend": getattr(ctx._backend, "name", recipe.backend),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    summary = {
+        "recipe_hash": manifest["recipe_hash"], "model": recipe.model, "selection": s, "gate": gate_report,
+        "gated_fraction": gate_report["gated_fraction"], "tau": gate_report["tau"],
+        "train_problems": s["selected_problems"], "train_sequences": len(examples),
+        "train": {k: v for k, v in report.items() if k != "history"}, "eval": table,
+        "eval_problems": len(splits["eval"]), "timings_s": ctx.timings, "rates": ctx.rates,
+        "total_s": time.time() - t_start, "peak_rss_mb": peak_rss_mb(),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    if recipe.export.formats:
+        from rmx_local.export import export_run
+
+        with ctx.timed("export"):
+            summary["exports"] = {k: str(v) for k, v in export_run(run_dir, recipe.export.formats, recipe.export.outtype).items()}
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,82 @@
+"""Stage 5: base vs adapted on held-out problems.
+
+Metrics per model: greedy accuracy, pass@1 over `eval.n_samples` sampled completions (mean ± standard error
+over problems), and the unparseable rate. The adapted-minus-base difference is paired per problem, and its
+standard error is the SE of the per-problem differences (the honest test for "better by k SE").
+Base results are cached in the run folder (`eval/base-<key>.json`); adapted results per training key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rmx_local.backends import SampleParams
+from rmx_local.io import atomic_write_json, read_json
+from rmx_local.stages import RunContext
+from rmx_local.stages.rollouts import encode_prompts
+from rmx_local.tasks import Problem
+from rmx_local.verify import verify_many
+
+
+def score(ctx: RunContext, problems: list[Problem], params: SampleParams, label: str) -> dict:
+    """Per-problem correctness for the backend's current adapter state."""
+    texts, ids = encode_prompts(ctx, problems)
+    outs: list[list[list[int]]] = []
+    group = max(1, ctx.recipe.rollout.batch_size // max(params.n, 1))
+    with ctx.ui.stage(label, len(problems), "problems") as bar:
+        for start in range(0, len(problems), group):
+            chunk = ids[start : start + group]
+            outs += ctx.backend.generate(chunk, params, progress=lambda k: bar.advance(0, k))
+            bar.advance(len(chunk))
+    completions = [ctx.tokenizer.decode(c, skip_special_tokens=True) for o in outs for c in o]
+    golds = [p.answer for p, o in zip(problems, outs) for _ in o]
+    verdicts = verify_many(completions, golds)
+    n = params.n if params.temperature > 0 else 1
+    correct = np.array([v.correct for v in verdicts], dtype=np.float64).reshape(len(problems), -1)[:, :n]
+    unparsed = np.array([v.parsed is None for v in verdicts], dtype=np.float64).reshape(len(problems), -1)[:, :n]
+    return {"per_problem": correct.mean(1).tolist(), "unparseable": float(unparsed.mean()),
+            "tokens": sum(len(c) for o in outs for c in o[:n]), "example": completions[0] if completions else ""}
+
+
+def evaluate_model(ctx: RunContext, problems: list[Problem], label: str) -> dict:
+    e = ctx.recipe.eval
+    result = {}
+    if e.greedy:
+        result["greedy"] = score(ctx, problems, SampleParams(1, 0.0, 1.0, e.max_tokens, ctx.recipe.seed), f"eval {label} greedy")
+    if e.n_samples:
+        params = SampleParams(e.n_samples, e.temperature, e.top_p, e.max_tokens, ctx.recipe.seed + 17)
+        result["sampled"] = score(ctx, problems, params, f"eval {label} pass@1")
+    return result
+
+
+def cached_eval(ctx: RunContext, problems: list[Problem], label: str, key: str) -> dict:
+    path = ctx.path("eval", f"{label}-{key}.json")
+    if path.exists():
+        return read_json(path)
+    with ctx.timed(f"eval {label}"):
+        result = evaluate_model(ctx, problems, label)
+    atomic_write_json(path, result)
+    return result
+
+
+def summarize(base: dict, adapted: dict | None) -> dict:
+    """Mean ± SE per metric, and the paired difference."""
+
+    def mean_se(xs: list[float]) -> tuple[float, float]:
+        a = np.asarray(xs, dtype=np.float64)
+        return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+
+    table = {}
+    for metric in ("greedy", "sampled"):
+        if metric not in base:
+            continue
+        row = {"base": mean_se(base[metric]["per_problem"]), "base_unparseable": base[metric]["unparseable"]}
+        if adapted and metric in adapted:
+            row["adapted"] = mean_se(adapted[metric]["per_problem"])
+            row["adapted_unparseable"] = adapted[metric]["unparseable"]
+            diff = np.asarray(adapted[metric]["per_problem"]) - np.asarray(base[metric]["per_problem"])
+            row["delta"] = mean_se(diff.tolist())
+        table[metric] = row
+    return table

@@ -1,0 +1,99 @@
+"""Stage 1: problems and base-model rollouts.
+
+Problems are split once into train / val / eval (frozen in `problems.json`). K rollouts per train problem
+are sampled from the frozen base and journaled one problem per line in `rollouts.jsonl`, so a killed run
+resumes at the first unfinished problem. Shortcut: the sampling seed is derived from the first problem of
+each group, so a resumed run samples the same problems with the same seeds only when groups line up.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+
+from rmx_local.backends import SampleParams
+from rmx_local.errors import RmxError
+from rmx_local.io import Journal, atomic_write_json, read_json
+from rmx_local.stages import RunContext
+from rmx_local.tasks import Problem, arith_problems, arith_space_size, build_prompt, load_jsonl
+
+def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
+    """Train / val / eval problems, frozen in the run folder on first use."""
+    path = ctx.path("problems.json")
+    t = ctx.recipe.task
+    ctx.check_stage_key("problems", ctx.recipe.section_hash("task", "seed"), ["problems.json"])
+    if path.exists():
+        data = read_json(path)
+        return {k: [Problem(**p) for p in v] for k, v in data.items()}
+    if t.name == "arith":
+        space = arith_space_size(t.difficulty)  # held-out sets come from the end of the seeded sequence
+        if t.train_size + t.val_size + t.eval_size > space:
+            raise RmxError(f"task: train_size + val_size + eval_size = {t.train_size + t.val_size + t.eval_size} exceeds "
+                           f"the {space} distinct `{t.difficulty}` problems", fix="lower the sizes or pick another task.difficulty")
+        splits = {
+            "train": arith_problems(t.difficulty, t.train_size, ctx.recipe.seed),
+            "val": arith_problems(t.difficulty, t.val_size, ctx.recipe.seed, offset=space - t.eval_size - t.val_size),
+            "eval": arith_problems(t.difficulty, t.eval_size, ctx.recipe.seed, offset=space - t.eval_size),
+        }
+    else:
+        pool = load_jsonl(t.path)
+        random.Random(ctx.recipe.seed).shuffle(pool)
+        held = load_jsonl(t.eval_path) if t.eval_path else []
+        if not held:
+            held, pool = pool[: t.eval_size], pool[t.eval_size :]
+        splits = {"eval": held[: t.eval_size], "val": pool[: t.val_size],
+                  "train": pool[t.val_size : t.val_size + t.train_size]}
+    if not splits["train"]:
+        raise RmxError(f"task: no training problems (task.train_size = {t.train_size}, source: {t.path or t.name})",
+                       fix="use a larger dataset or a smaller task.eval_size / task.val_size")
+    atomic_write_json(path, {k: [asdict(p) for p in v] for k, v in splits.items()})
+    return splits
+
+
+def template_for(ctx: RunContext) -> str:
+    t = ctx.recipe.task.template
+    if t == "auto":
+        return "chat" if getattr(ctx.tokenizer, "chat_template", None) else "raw"
+    return t
+
+
+def encode_prompts(ctx: RunContext, problems: list[Problem]) -> tuple[list[str], list[list[int]]]:
+    template = template_for(ctx)
+    texts = [build_prompt(ctx.tokenizer, p.question, template) for p in problems]
+    # chat templates already spell out their special tokens; the raw template relies on the tokenizer's BOS
+    ids = [ctx.tokenizer(s, add_special_tokens=(template == "raw")).input_ids for s in texts]
+    return texts, ids
+
+
+def make_rollout_engine(ctx: RunContext):
+    from rmx_local.engines import make_engine
+
+    return make_engine(ctx.recipe, ctx.source, ctx.tokenizer, lambda: ctx.backend)
+
+
+def run_rollouts(ctx: RunContext, problems: list[Problem]) -> list[dict]:
+    r = ctx.recipe.rollout
+    ctx.check_stage_key("rollouts", ctx.recipe.section_hash("model", "task", "rollout", "seed"), ["rollouts.jsonl"])
+    journal = Journal(ctx.path("rollouts.jsonl"))
+    done = {rec["id"]: rec for rec in journal.read()}
+    todo = [p for p in problems if p.id not in done]
+    if todo:
+        engine = make_rollout_engine(ctx)
+        ctx.ui.line(f"rollouts: engine {engine.name}, {len(todo)} problems x {r.n} samples to go ({len(done)} done)")
+        group = max(1, r.batch_size // r.n)
+        with ctx.timed("rollouts"), ctx.ui.stage("rollouts", len(problems), "problems") as bar:
+            bar.advance(len(problems) - len(todo))
+            for start in range(0, len(todo), group):
+                chunk = todo[start : start + group]
+                texts, ids = encode_prompts(ctx, chunk)
+                seed = ctx.recipe.seed * 1_000_003 + problems.index(chunk[0])
+                params = SampleParams(r.n, r.temperature, r.top_p, r.max_tokens, seed)
+                outs = engine.sample(texts, ids, params, progress=lambda k: bar.advance(0, k))
+                for p, pids, completions in zip(chunk, ids, outs):
+                    rec = {"id": p.id, "prompt_ids": pids, "completions": completions,
+                           "texts": [ctx.tokenizer.decode(c, skip_special_tokens=True) for c in completions]}
+                    journal.append(rec)
+                    done[p.id] = rec
+                bar.advance(len(chunk))
+            ctx.rates["rollout tok/s"] = bar.tokens_per_s
+    return [done[p.id] for p in problems]

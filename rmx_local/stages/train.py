@@ -1,0 +1,120 @@
+"""Stage 4: train the LoRA correction with the ReasonMaxxer loss.
+
+The loop is the whole algorithm: AdamW (no weight decay by default), `warmup_steps` of linear warmup then
+linear decay to 0, global-norm clipping, `grad_accum` micro-batches of `batch_size` sequences per step.
+Checkpoints (adapter + optimizer + step) go to `train/<key>/step-N/` every `checkpoint_every` steps and at
+the end; a killed run resumes from the newest one with the same data order. When the recipe holds out
+validation problems (`task.val_size`), each checkpoint is scored greedily on them and the best one is kept
+(ties go to the earlier step), as the paper does; otherwise the last checkpoint is kept.
+`<key>` hashes every setting training depends on, so an `lr` sweep in one run folder reuses the rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+
+from rmx_local.adapter import load_peft, save_peft
+from rmx_local.backends import SampleParams, TrainExample
+from rmx_local.io import Journal, atomic_write_json, read_json
+from rmx_local.stages import RunContext
+from rmx_local.stages.evaluate import score
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then linear decay to 0 at `total`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def build_examples(seqs: list[dict], gates: list[np.ndarray], positive_only: bool) -> list[TrainExample]:
+    examples = [TrainExample(s["prompt_ids"] + s["completion_ids"], len(s["prompt_ids"]), g, s["advantage"])
+                for s, g in zip(seqs, gates)]
+    return [e for e in examples if e.advantage > 0] if positive_only else examples
+
+
+def schedule(n_examples: int, t) -> tuple[int, int]:
+    """(micro-batches, optimizer steps) for `t.epochs` passes."""
+    micro = max(1, math.ceil(t.epochs * n_examples / t.batch_size))
+    return micro, math.ceil(micro / t.grad_accum)
+
+
+def micro_batches(examples: list[TrainExample], n_micro: int, batch_size: int, seed: int) -> list[list[TrainExample]]:
+    """Deterministic data order: a fresh seeded permutation per epoch, cut into micro-batches."""
+    order: list[int] = []
+    rng = np.random.default_rng(seed)
+    while len(order) < n_micro * batch_size:
+        order += rng.permutation(len(examples)).tolist()
+    return [[examples[i] for i in order[m * batch_size : (m + 1) * batch_size]] for m in range(n_micro)]
+
+
+def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list) -> dict:
+    t, r = ctx.recipe.train, ctx.recipe
+    key = r.section_hash("model", "task", "rollout", "select", "gate", "train", "seed")
+    folder = ctx.path("train", key)
+    final = folder / "final.json"
+    if final.exists():
+        return read_json(final)
+    n_micro, n_steps = schedule(len(examples), t)
+    batches = micro_batches(examples, n_micro, t.batch_size, r.seed)
+    backend = ctx.backend
+    backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
+    every = t.checkpoint_every or n_steps
+    ckpt_steps = sorted({min(s, n_steps) for s in range(every, n_steps + every, every)})
+    log = Journal(folder / "log.jsonl")
+    val_params = SampleParams(1, 0.0, 1.0, r.eval.max_tokens, r.seed)
+    val: dict[int, float] = {}
+
+    start = 0
+    done = sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "state.json").exists())
+    if done:
+        start = done[-1]
+        backend.set_adapter(load_peft(folder / f"step-{start}" / "adapter"))
+        backend.load_optimizer(str(folder / f"step-{start}" / "optimizer.pt"))
+        val = {int(k): v for k, v in read_json(folder / f"step-{start}" / "state.json")["val"].items()}
+        ctx.ui.line(f"train: resuming from step {start}/{n_steps}")
+    if val_problems and 0 not in val:
+        backend.set_adapter_enabled(False)
+        val[0] = float(np.mean(score(ctx, val_problems, val_params, "val base")["per_problem"]))
+        backend.set_adapter_enabled(True)
+
+    with ctx.timed("train"), ctx.ui.stage("train", n_steps, "steps") as bar:
+        bar.advance(start)
+        for step in range(start, n_steps):
+            lr = lr_at(step, n_steps, t.warmup_steps, t.lr)
+            metrics: dict[str, float] = {}
+            group = batches[step * t.grad_accum : (step + 1) * t.grad_accum]
+            for mb in group:
+                m = backend.accumulate(mb, t.kl_coef, t.negative_ce_cap, 1.0 / len(group))
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / len(group)
+            metrics["grad_norm"] = backend.step(lr, t.weight_decay, t.grad_clip)
+            metrics.update(step=step + 1, lr=lr)
+            log.append(metrics)
+            bar.advance(1, sum(len(e.tokens) for mb in group for e in mb))
+            if step + 1 in ckpt_steps:
+                if val_problems:
+                    val[step + 1] = float(np.mean(score(ctx, val_problems, val_params, f"val step {step + 1}")["per_problem"]))
+                    ctx.ui.line(f"train: step {step + 1} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} val {val[step + 1]:.3f} (base {val[0]:.3f})")
+                _save_checkpoint(ctx, folder / f"step-{step + 1}", val)
+        ctx.rates["train tok/s"] = bar.tokens_per_s
+
+    trained = {s: v for s, v in val.items() if s > 0}
+    best = max(trained, key=lambda s: (trained[s], -s)) if trained else n_steps
+    report = {"key": key, "steps": n_steps, "examples": len(examples), "best_step": best, "val": val,
+              "history": Journal(folder / "log.jsonl").read()}
+    backend.set_adapter(load_peft(folder / f"step-{best}" / "adapter"))
+    atomic_write_json(final, report)
+    for p in folder.glob("step-*"):  # keep the chosen checkpoint only; the others served their purpose
+        if p.name != f"step-{best}":
+            shutil.rmtree(p, ignore_errors=True)
+    return report
+
+
+def _save_checkpoint(ctx: RunContext, path, val: dict[int, float]) -> None:
+    save_peft(ctx.backend.get_adapter(), path / "adapter")
+    ctx.backend.save_optimizer(str(path / "optimizer.pt"))
+    atomic_write_json(path / "state.json", {"val": {str(k): v for k, v in val.items()}})
