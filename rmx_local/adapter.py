@@ -76,11 +76,12 @@ def save_peft(adapter: LoraAdapter, out_dir: str | Path) -> Path:
         "fan_in_fan_out": False,
         "base_model_name_or_path": adapter.base_model,
         "inference_mode": True,
-        "rmx_local": {"architecture": adapter.architecture, "model_config": adapter.model_config},
     }
+    extra = {"architecture": adapter.architecture, "model_config": adapter.model_config}
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "rmx_local.json").write_text(json.dumps(extra, indent=2))  # beside, not inside: PEFT warns on unknown keys
     return Path(out_dir)
 
 
@@ -93,7 +94,7 @@ def load_peft(folder: str | Path) -> LoraAdapter:
         raise RmxError(f"{folder}: no PEFT adapter here (need adapter_config.json + adapter_model.safetensors)",
                        fix="point at a run's adapter/ folder, or finish the run with `rmx-local run`")
     config = json.loads(cfg_path.read_text())
-    extra = config.get("rmx_local", {})
+    extra = json.loads((folder / "rmx_local.json").read_text()) if (folder / "rmx_local.json").is_file() else {}
     raw = load_file(str(st_path))
     weights: dict[str, list] = {}
     for key, value in raw.items():

@@ -121,3 +121,46 @@ def recipes_copy(name: str, dest: str) -> None:
         raise RmxError(f"{out} already exists", fix="choose another destination or delete it first")
     shutil.copyfile(src, out)
     click.echo(f"copied {src.name} -> {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--format", "formats", default="all", show_default=True, help="gguf, mlx, peft, ollama or all (comma-separated).")
+@click.option("--outtype", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--out", "out_dir", default=None, type=click.Path(), help="Destination folder (default RUN_DIR/export).")
+def export(run_dir: str, formats: str, outtype: str, out_dir: str | None) -> None:
+    """Export RUN_DIR's adapter as GGUF (llama.cpp, Ollama), MLX (mlx-lm) and/or PEFT."""
+    from rmx_local.export import export_run
+
+    for fmt, path in export_run(run_dir, formats, outtype, out_dir).items():
+        click.echo(f"{fmt:<7} {path}")
+
+
+def _inference_options(f):
+    f = click.option("--runtime", type=click.Choice(["llama_cpp", "mlx"]), default="llama_cpp", show_default=True)(f)
+    f = click.option("--compare", is_flag=True, help="Show base and adapted answers side by side.")(f)
+    f = click.option("--max-tokens", default=256, show_default=True)(f)
+    f = click.option("--temperature", default=0.0, show_default=True)(f)
+    f = click.option("--base", default=None, help="Base model GGUF/folder (default: the run's model).")(f)
+    return f
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+@click.argument("prompt")
+@_inference_options
+def generate(target: str, prompt: str, runtime: str, compare: bool, max_tokens: int, temperature: float, base: str | None) -> None:
+    """One answer to PROMPT from TARGET (a run folder or an exported adapter), streamed."""
+    from rmx_local.chat import generate as run_generate
+
+    run_generate(target, prompt, runtime=runtime, compare=compare, max_tokens=max_tokens, temperature=temperature, base=base)
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+@_inference_options
+def chat(target: str, runtime: str, compare: bool, max_tokens: int, temperature: float, base: str | None) -> None:
+    """Chat with the base model plus TARGET's adapter (a run folder or an exported adapter)."""
+    from rmx_local.chat import chat_loop
+
+    chat_loop(target, runtime=runtime, compare=compare, max_tokens=max_tokens, temperature=temperature, base=base)

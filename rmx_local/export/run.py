@@ -1,0 +1,113 @@
+"""`export_run`: one run folder's canonical adapter -> RUN_DIR/export/{gguf,mlx,peft,ollama}/.
+
+Reads RUN_DIR/adapter/ (PEFT), and optionally RUN_DIR/summary.json (model card facts) and RUN_DIR/recipe.toml
+(its top-level `model` names the base; Ollama needs the base's GGUF). Each format folder is written
+atomically and carries a README.md model card.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import tomllib
+from pathlib import Path
+
+from rmx_local.adapter import LoraAdapter, load_peft, save_peft
+from rmx_local.errors import RmxError
+from rmx_local.export.card import model_card
+from rmx_local.export.gguf_adapter import OUTTYPES, write_gguf_adapter
+from rmx_local.export.mlx_adapter import write_mlx_adapter
+from rmx_local.export.ollama import write_ollama
+from rmx_local.io import atomic_dir, atomic_write_text, read_json
+
+FORMATS = ("gguf", "mlx", "peft", "ollama")
+GGUF_NAME = "adapter.gguf"
+
+
+def parse_formats(formats: list[str] | str) -> list[str]:
+    items = [formats] if isinstance(formats, str) else list(formats)
+    names = [f.strip().lower() for item in items for f in item.split(",") if f.strip()]
+    if "all" in names:
+        return list(FORMATS)
+    bad = [f for f in names if f not in FORMATS]
+    if bad or not names:
+        raise RmxError(f"export: unknown format {', '.join(bad) or '(none)'}", fix=f"use {'|'.join(FORMATS)}|all")
+    return [f for f in FORMATS if f in names]
+
+
+def run_base_spec(run_dir: Path, adapter: LoraAdapter | None = None) -> str:
+    """The base model spec of a run: recipe.toml's `model`, else the adapter's base_model."""
+    recipe = run_dir / "recipe.toml"
+    if recipe.is_file():
+        try:
+            model = tomllib.loads(recipe.read_text()).get("model")
+        except tomllib.TOMLDecodeError as e:
+            raise RmxError(f"{recipe}: not valid TOML ({e})", fix="repair or delete the file") from None
+        if model:
+            return str(model)
+    if adapter is not None and adapter.base_model:
+        return adapter.base_model
+    raise RmxError(f"{run_dir}: cannot tell the base model (no recipe.toml `model`, none in the adapter)",
+                   fix="restore RUN_DIR/recipe.toml")
+
+
+def load_run_adapter(run_dir: str | Path) -> LoraAdapter:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RmxError(f"{run_dir}: run folder not found", fix="pass the folder `rmx-local run` created")
+    if not (run_dir / "adapter").is_dir():
+        raise RmxError(f"{run_dir}: no adapter/ folder in this run", fix="finish training with `rmx-local run` first")
+    return load_peft(run_dir / "adapter")
+
+
+def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
+    """Fill in architecture / model_config from the base's config.json when the adapter lacks them."""
+    needed = ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers")
+    if adapter.architecture and all(k in adapter.model_config for k in needed):
+        return adapter
+    from rmx_local.models import model_summary, resolve_model
+
+    info = model_summary(resolve_model(spec).hf_path)
+    adapter.architecture = adapter.architecture or info.pop("model_type")
+    info.pop("model_type", None)
+    adapter.model_config = {**info, **adapter.model_config}
+    return adapter
+
+
+def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f16",
+               out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Export a run's adapter; return {format: folder written}. formats may include "all"."""
+    run_dir = Path(run_dir)
+    chosen = parse_formats(formats)
+    if outtype not in OUTTYPES:
+        raise RmxError(f"export: unknown --outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    adapter = load_run_adapter(run_dir)
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    spec = run_base_spec(run_dir, adapter)
+    adapter.base_model = adapter.base_model or spec
+    if any(f != "peft" for f in chosen):
+        adapter = complete_from_base(adapter, spec)
+    out = Path(out_dir) if out_dir else run_dir / "export"
+    written: dict[str, Path] = {}
+    if "peft" in chosen:
+        written["peft"] = save_peft(adapter, out / "peft")
+        atomic_write_text(out / "peft" / "README.md", model_card(adapter, summary, "peft"))
+    if "mlx" in chosen:
+        written["mlx"] = write_mlx_adapter(adapter, out / "mlx")
+        atomic_write_text(out / "mlx" / "README.md", model_card(adapter, summary, "mlx"))
+    if "gguf" in chosen:
+        with atomic_dir(out / "gguf") as tmp:
+            write_gguf_adapter(adapter, tmp / GGUF_NAME, outtype)
+            (tmp / "README.md").write_text(model_card(adapter, summary, "gguf"))
+        written["gguf"] = out / "gguf"
+    if "ollama" in chosen:
+        from rmx_local.models import resolve_model
+
+        base_gguf = resolve_model(spec).gguf_path
+        card = model_card(adapter, summary, "ollama")
+        if "gguf" in written:
+            written["ollama"] = write_ollama(written["gguf"] / GGUF_NAME, base_gguf, out / "ollama", card)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_gguf_adapter(adapter, Path(tmp) / GGUF_NAME, outtype)
+                written["ollama"] = write_ollama(Path(tmp) / GGUF_NAME, base_gguf, out / "ollama", card)
+    return written
