@@ -164,3 +164,13 @@ def chat(target: str, runtime: str, compare: bool, max_tokens: int, temperature:
     from rmx_local.chat import chat_loop
 
     chat_loop(target, runtime=runtime, compare=compare, max_tokens=max_tokens, temperature=temperature, base=base)
+
+
+@main.command()
+def doctor() -> None:
+    """Report backends, devices, versions, llama.cpp and Ollama availability."""
+    from rmx_local.doctor import doctor as run_doctor, healthy, print_doctor
+
+    rows = run_doctor()
+    print_doctor(rows)
+    sys.exit(0 if healthy(rows) else 1)

@@ -17,7 +17,10 @@ Same semantics as `torch_backend` (the reference):
 
 Shortcuts: the model stays in the dtype it was saved in unless the recipe names one ("auto" = as saved;
 fp32 for the embedded model); `recipe.threads` is ignored (MLX has no CPU thread knob); LoRA A is drawn by
-mlx-lm's initialiser (uniform +-1/sqrt(in), the same law as PEFT's, but not the same numbers for a seed).
+mlx-lm's initialiser (uniform +-1/sqrt(in), the same law as PEFT's, but not the same numbers for a seed);
+the optimizer state file is MLX's own (safetensors bytes), so a checkpoint resumes only on this backend.
+Numerics: MLX's fp32 CPU kernels are a few times noisier than torch's (on the embedded model, entropies sit
+within 2.2e-4 nats of an fp64 reference vs 4e-6 for torch); on the tiny test model everything is <= 1e-5.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class MlxBackend:
         mx.random.seed(params.seed)
         gen = BatchGenerator(self.model, max_tokens=params.max_tokens, stop_tokens=[[e] for e in self.eos_ids],
                              sampler=make_sampler(params.temperature, params.top_p),
-                             completion_batch_size=self.batch_size, prefill_batch_size=self.batch_size)
+                             completion_batch_size=self.batch_size, prefill_batch_size=min(8, self.batch_size))
         try:
             uids = gen.insert(flat)
             out: dict[int, list[int]] = {u: [] for u in uids}
