@@ -29,7 +29,7 @@ class StageBar:
         if self.ui.progress is not None and self._task is not None:
             extra = f"{rate:,.0f} tok/s" if self.tokens else ""
             self.ui.progress.update(self._task, completed=self.done, extra=extra)
-        elif items and (time.time() - self._last_line > 10 or self.done >= self.total):
+        elif (items or tokens) and (time.time() - self._last_line > 10 or (items and self.done >= self.total)):
             self._last_line = time.time()
             tok = f", {rate:,.0f} tok/s" if self.tokens else ""
             self.ui.line(f"{self.name}: {self.done}/{self.total} {self.unit}{tok}")

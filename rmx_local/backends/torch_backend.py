@@ -74,7 +74,9 @@ class TorchBackend:
     @classmethod
     def load(cls, source, recipe, note=lambda s: None) -> "TorchBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # our own progress bars and line logs are enough
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         device = pick_device(recipe.device)
@@ -140,6 +142,8 @@ class TorchBackend:
 
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
+        import warnings
+
         from peft import LoraConfig, get_peft_model
 
         names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -149,7 +153,9 @@ class TorchBackend:
                            fix=f"choose from {sorted(names)}")
         torch.manual_seed(seed)
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
-        self.model = get_peft_model(self.model, config)
+        with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = get_peft_model(self.model, config)
         self.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)

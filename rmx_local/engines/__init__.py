@@ -1,0 +1,132 @@
+"""Rollout engines: who samples the K completions per problem from the frozen base model.
+
+Rollout generation is the dominant cost of a run, and it only needs the *frozen* base, so it need not run in
+the training framework:
+
+  backend    the training backend's own `generate` (torch / mlx); the only engine that sees a LoRA correction
+  llama_cpp  llama.cpp in-process on the model's GGUF (`llama-cpp-python`); the fastest choice on a CPU
+  openai     any OpenAI-compatible `/v1/completions` server (vLLM, llama.cpp server, ...), possibly remote
+  auto       llama_cpp when the model has a GGUF, no CUDA/MPS device is present and llama_cpp imports;
+             otherwise backend
+
+Every engine returns, for each prompt, `params.n` completions as ids of the *training* tokenizer with EOS
+stripped, so the rest of the pipeline never knows which engine ran. Text engines (llama_cpp, openai)
+re-tokenize the completion text with `tokenizer.encode(text, add_special_tokens=False)`; the prompt ids are
+always the caller's `prompt_ids`, unchanged.
+
+Sampling semantics shared by the text engines: temperature 0 is greedy (one completion, repeated n times);
+otherwise plain temperature + top-p sampling (no top-k, min-p or repetition penalty). Completion j of prompt i
+uses the seed `derive_seed(params.seed, i, j)`, so results do not depend on how an engine batches sequences
+(they do depend on the prompt's index within the call: pass a per-group `params.seed` for group-independent
+results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Protocol
+
+from rmx_local.backends import Backend, Progress, SampleParams
+from rmx_local.errors import RmxError
+
+ENGINES = ("backend", "llama_cpp", "openai", "auto")
+LLAMA_CPP_MAX_PARALLEL = 8
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def sample(self, prompts: list[str], prompt_ids: list[list[int]], params: SampleParams,
+               progress: Progress | None = None) -> list[list[list[int]]]:
+        """For each prompt, params.n completions as TRAINING-tokenizer ids (EOS stripped)."""
+
+
+class BackendEngine:
+    """The training backend's own sampler; the backend is created on first use only."""
+
+    name = "backend"
+
+    def __init__(self, backend_factory: Callable[[], Backend]):
+        self._factory = backend_factory
+        self._backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._factory()
+        return self._backend
+
+    def sample(self, prompts: list[str], prompt_ids: list[list[int]], params: SampleParams,
+               progress: Progress | None = None) -> list[list[list[int]]]:
+        return self.backend.generate(prompt_ids, params, progress)
+
+
+def derive_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 31-bit seed for one completion (31 bits: llama.cpp treats 0xFFFFFFFF as 'random')."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def eos_texts(tokenizer: Any) -> list[str]:
+    """The text of the tokenizer's EOS token, sent as a stop string and stripped from completions."""
+    eos = getattr(tokenizer, "eos_token", None)
+    return [eos] if eos else []
+
+
+def retokenize(tokenizer: Any, text: str, stops: list[str] = ()) -> list[int]:
+    """Completion text -> training-tokenizer ids, with a trailing stop/EOS text removed if a server left it in."""
+    for stop in stops:
+        if stop and text.endswith(stop):
+            text = text[: -len(stop)]
+            break
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def has_accelerator() -> bool:
+    """CUDA or MPS visible to torch (imported only here, and only for engine = "auto")."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
+def llama_cpp_importable() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # ImportError, or OSError from a broken shared library
+        return False
+    return True
+
+
+def pick_engine_name(name: str, source: Any) -> str:
+    if name != "auto":
+        return name
+    if source.gguf_path and not has_accelerator() and llama_cpp_importable():
+        return "llama_cpp"
+    return "backend"
+
+
+def make_engine(recipe: Any, source: Any, tokenizer: Any, backend_factory: Callable[[], Backend]) -> RolloutEngine:
+    """The rollout engine the recipe asks for (`[rollout] engine`); nothing heavy is loaded until `sample`."""
+    name = pick_engine_name(recipe.rollout.engine, source)
+    if name == "backend":
+        return BackendEngine(backend_factory)
+    if name == "llama_cpp":
+        if not source.gguf_path:
+            raise RmxError(f'rollout.engine = "llama_cpp" needs a GGUF model, and {source.spec!r} has none',
+                           fix='point `model` at a .gguf file (or a folder holding one), or set rollout.engine = "backend"')
+        if not llama_cpp_importable():
+            raise RmxError('rollout.engine = "llama_cpp" needs llama-cpp-python',
+                           fix='pip install llama-cpp-python  (or set rollout.engine = "backend")')
+        from rmx_local.engines.llama_cpp_engine import LlamaCppEngine
+
+        # batching gains on a CPU are small beyond a few sequences, while KV memory grows with every slot
+        parallel = min(recipe.rollout.batch_size, LLAMA_CPP_MAX_PARALLEL)
+        return LlamaCppEngine(source.gguf_path, tokenizer, threads=recipe.threads, parallel=parallel)
+    if name == "openai":
+        from rmx_local.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine.from_recipe(recipe, tokenizer)
+    raise RmxError(f"unknown rollout.engine {name!r}", fix=f"use one of: {', '.join(ENGINES)}")
