@@ -28,6 +28,7 @@ class TaskConfig:
     path: str = ""  # jsonl only: GSM8K-format ({question, answer "#### N"}) or {problem, answer}
     eval_path: str = ""  # jsonl only: held-out file (default: split from `path`)
     template: str = "auto"  # auto (chat if the tokenizer has one) | chat | raw
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # after the question
     train_size: int = 100  # candidate problems for rollouts
     val_size: int = 0  # problems held out for checkpoint selection (0 = no selection, keep the last)
     eval_size: int = 200  # held-out problems for the final base-vs-adapted table

@@ -190,17 +190,19 @@ def load_jsonl(path: str | Path) -> list[Problem]:
 
 # ---------------------------------------------------------------- prompts
 
-def build_prompt(tokenizer: Any, question: str, template: str) -> str:
-    """The text fed to the model: "chat" (the tokenizer's chat template), "raw" (base models) or "auto"."""
+def build_prompt(tokenizer: Any, question: str, template: str, instruction: str = INSTRUCTION) -> str:
+    """The text fed to the model: "chat" (the tokenizer's chat template), "raw" (base models) or "auto".
+
+    `instruction` follows the question (default: the paper's \\boxed{} instruction)."""
     if template not in TEMPLATES:
         raise RmxError(f"prompt template {template!r} is unknown", fix=f"use one of {', '.join(TEMPLATES)}")
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "auto":
         template = "chat" if has_chat else "raw"
     if template == "raw":
-        return RAW_TEMPLATE.replace("{question}", question)
+        return RAW_TEMPLATE.replace(INSTRUCTION, instruction).replace("{question}", question)
     if not has_chat:
         raise RmxError("prompt template 'chat': this tokenizer has no chat template",
                        fix='use template = "raw" (or "auto") for base models')
-    messages = [{"role": "user", "content": question + "\n" + INSTRUCTION}]
+    messages = [{"role": "user", "content": question + "\n" + instruction}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -132,13 +132,17 @@ class TorchBackend:
     # ---- entropy scoring ------------------------------------------------------------------------
     @torch.inference_mode()
     def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
-        result = []
+        """One right-padded forward per call (causal attention: padding never affects real positions)."""
+        width = max(len(t) for t, _ in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (tokens, _) in enumerate(sequences):
+            ids[i, : len(tokens)] = torch.tensor(tokens)
+            mask[i, : len(tokens)] = 1
         with self._adapter_off():
-            for tokens, prompt_len in sequences:
-                x = torch.tensor([tokens], device=self.device)
-                logits = self.model(input_ids=x).logits[0, prompt_len - 1 : len(tokens) - 1]
-                result.append(token_entropy(logits).cpu().numpy().astype(np.float32))
-        return result
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return [token_entropy(logits[i, p - 1 : len(t) - 1]).cpu().numpy().astype(np.float32)
+                for i, (t, p) in enumerate(sequences)]
 
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
@@ -173,20 +177,30 @@ class TorchBackend:
             yield
 
     def accumulate(self, batch: list[TrainExample], kl_coef: float, negative_ce_cap: float, scale: float) -> dict[str, float]:
+        """One right-padded forward for the batch (adapter off, then on); the loss is the mean of sequence losses."""
         self.model.train()
-        totals: dict[str, float] = {}
-        for ex in batch:
-            x = torch.tensor([ex.tokens], device=self.device)
-            with torch.no_grad(), self._adapter_off():
-                base_logits = self.model(input_ids=x).logits[0, :-1]
-            logits = self.model(input_ids=x).logits[0, :-1]
+        width = max(len(ex.tokens) for ex in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, ex in enumerate(batch):
+            ids[i, : len(ex.tokens)] = torch.tensor(ex.tokens)
+            mask[i, : len(ex.tokens)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.no_grad(), self._adapter_off():
+            base_logits = self.model(input_ids=ids, attention_mask=mask).logits
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        total, totals = 0.0, {}
+        for i, ex in enumerate(batch):
+            n = len(ex.tokens)
             gate = torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device)
-            loss, metrics = sequence_loss(logits, base_logits, x[0], ex.prompt_len, gate, ex.advantage, kl_coef, negative_ce_cap)
-            if not torch.isfinite(loss):
-                raise RmxError("training: loss is NaN/inf", fix="lower train.lr, set train.negative_ce_cap, or use dtype = \"float32\"")
-            (loss * scale / len(batch)).backward()
+            loss, metrics = sequence_loss(logits[i, : n - 1], base_logits[i, : n - 1], ids[i, :n], ex.prompt_len, gate,
+                                          ex.advantage, kl_coef, negative_ce_cap)
+            total = total + loss / len(batch)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batch)
+        if not torch.isfinite(total):
+            raise RmxError("training: loss is NaN/inf", fix="lower train.lr, set train.negative_ce_cap, or use dtype = \"float32\"")
+        (total * scale).backward()
         self.model.eval()
         return totals
 

@@ -59,7 +59,7 @@ def template_for(ctx: RunContext) -> str:
 
 def encode_prompts(ctx: RunContext, problems: list[Problem]) -> tuple[list[str], list[list[int]]]:
     template = template_for(ctx)
-    texts = [build_prompt(ctx.tokenizer, p.question, template) for p in problems]
+    texts = [build_prompt(ctx.tokenizer, p.question, template, ctx.recipe.task.instruction) for p in problems]
     # chat templates already spell out their special tokens; the raw template relies on the tokenizer's BOS
     ids = [ctx.tokenizer(s, add_special_tokens=(template == "raw")).input_ids for s in texts]
     return texts, ids
