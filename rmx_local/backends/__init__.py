@@ -43,6 +43,21 @@ class SampleParams:
 Progress = Callable[[int], None]  # called with the number of new tokens produced
 
 
+def strip_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    """Cut a completion at its first end-of-sequence token (the token itself dropped)."""
+    for i, t in enumerate(row):
+        if t in eos_ids:
+            return row[:i]
+    return row
+
+
+def group_completions(flat: list[list[int]], n_prompts: int, params: "SampleParams") -> list[list[list[int]]]:
+    """Flat completions (prompt-major) -> per prompt; a greedy decode (one per prompt) is repeated n times."""
+    per = len(flat) // max(n_prompts, 1)
+    grouped = [flat[i * per : (i + 1) * per] for i in range(n_prompts)]
+    return [g * params.n for g in grouped] if params.temperature == 0 and params.n > 1 else grouped
+
+
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a transformers tokenizer (encode/decode/chat template)
@@ -83,7 +98,9 @@ def load_backend(recipe, source, progress_note: Callable[[str], None] = lambda s
     if name == "torch":
         try:
             from rmx_local.backends.torch_backend import TorchBackend
-        except ImportError as e:
+        except ModuleNotFoundError as e:
+            if e.name not in {"torch", "transformers", "peft"}:
+                raise
             raise RmxError(f"backend torch needs PyTorch ({e})", fix="pip install torch transformers peft") from None
         return TorchBackend.load(source, recipe, progress_note)
     if name == "mlx":

@@ -41,7 +41,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from rmx_local.adapter import LoraAdapter
-from rmx_local.backends import Progress, SampleParams, TrainExample
+from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions, strip_eos
 from rmx_local.backends.mlx_loss import sequence_loss, token_entropy
 from rmx_local.errors import RmxError
 
@@ -159,15 +159,8 @@ class MlxBackend:
                     progress(len(responses))
         finally:
             gen.close()
-        outputs = [self._strip(out[u]) for u in uids]
-        result = [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
-        return [r * params.n for r in result] if greedy and params.n > 1 else result
-
-    def _strip(self, row: list[int]) -> list[int]:
-        for i, t in enumerate(row):
-            if t in self.eos_ids:
-                return row[:i]
-        return row
+        outputs = [strip_eos(out[u], self.eos_ids) for u in uids]
+        return group_completions(outputs, len(prompts), params)
 
     # ---- entropy scoring ------------------------------------------------------------------------
     def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:

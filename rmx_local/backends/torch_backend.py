@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rmx_local.adapter import PEFT_PREFIX, LoraAdapter
-from rmx_local.backends import Progress, SampleParams, TrainExample
+from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions, strip_eos
 from rmx_local.errors import RmxError
 from rmx_local.loss import sequence_loss, token_entropy
 
@@ -119,15 +119,8 @@ class TorchBackend:
                 streamer=_TokenCounter(progress) if progress else None,
             )
             for row in out[:, width:].tolist():
-                outputs.append(self._strip(row))
-        result = [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
-        return [r * params.n for r in result] if greedy and params.n > 1 else result
-
-    def _strip(self, row: list[int]) -> list[int]:
-        for i, t in enumerate(row):
-            if t in self.eos_ids:
-                return row[:i]
-        return row
+                outputs.append(strip_eos(row, self.eos_ids))
+        return group_completions(outputs, len(prompts), params)
 
     # ---- entropy scoring ------------------------------------------------------------------------
     @torch.inference_mode()
