@@ -51,6 +51,7 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     t_start = time.time()
     atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
 
+    ctx.source  # a missing or unknown model fails here, before any work
     splits = split_problems(ctx)
     rollouts = run_rollouts(ctx, splits["train"])
     selected = run_select(ctx, splits["train"], rollouts)

@@ -29,7 +29,7 @@ class TaskConfig:
     eval_path: str = ""  # jsonl only: held-out file (default: split from `path`)
     template: str = "auto"  # auto (chat if the tokenizer has one) | chat | raw
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # after the question
-    train_size: int = 100  # candidate problems for rollouts
+    train_size: int = 55  # candidate problems for rollouts (arith single has 255 problems: 55 + 200 held out)
     val_size: int = 0  # problems held out for checkpoint selection (0 = no selection, keep the last)
     eval_size: int = 200  # held-out problems for the final base-vs-adapted table
 

@@ -1,6 +1,7 @@
 """`rmx-local run` end to end on the embedded SmolLM2-135M, through the real CLI (slow: run by .ci/run)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,10 @@ def rmx(*args, check=True):
 def test_run_quickstart_tiny(tmp_path, backend):
     if backend == "mlx":
         pytest.importorskip("mlx_lm")
+        if not os.environ.get("RMX_TEST_MLX_E2E"):
+            # mlx's Linux CPU build spends > 6 min on this recipe's rollout prompts alone (2 cores); on Apple
+            # Silicon it takes seconds. Opt in with RMX_TEST_MLX_E2E=1.
+            pytest.skip("set RMX_TEST_MLX_E2E=1 to run the MLX end-to-end check (slow on Linux CPU)")
     run_dir = tmp_path / "run"
     extra = ["rollout.engine=backend", "rollout.max_tokens=16", "eval.max_tokens=16", "task.eval_size=2"] if backend == "mlx" else []
     out = rmx("run", "recipes/quickstart.toml", f"run_dir={json.dumps(str(run_dir))}", f"backend={backend}", "--plain", *TINY, *extra)
