@@ -47,11 +47,11 @@ class LoraAdapter:
                 )
 
 
-def layer_index(module: str) -> int:
-    m = re.search(r"layers\.(\d+)\.", module)
-    if not m:
-        raise RmxError(f"adapter: cannot find a layer index in module name {module!r}")
-    return int(m.group(1))
+def model_facts(cfg) -> dict:
+    """The architecture facts exporters need, from a transformers config or mlx-lm model args."""
+    heads = cfg.num_attention_heads
+    return {"num_attention_heads": heads, "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers}
 
 
 # ---- PEFT format (adapter_model.safetensors + adapter_config.json) ----

@@ -109,11 +109,7 @@ def model_summary(hf_path: str) -> dict:
     """Architecture facts the adapter exporters need, read from config.json."""
     from transformers import AutoConfig
 
+    from rmx_local.adapter import model_facts
+
     cfg = AutoConfig.from_pretrained(hf_path)
-    return {
-        "model_type": cfg.model_type,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-        "hidden_size": cfg.hidden_size,
-    }
+    return {"model_type": cfg.model_type, **model_facts(cfg)}

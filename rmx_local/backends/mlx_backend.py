@@ -40,7 +40,7 @@ from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from rmx_local.adapter import LoraAdapter
+from rmx_local.adapter import LoraAdapter, model_facts
 from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions, strip_eos
 from rmx_local.backends.mlx_loss import sequence_loss, token_entropy
 from rmx_local.errors import RmxError
@@ -283,9 +283,7 @@ class MlxBackend:
         return LoraAdapter(
             rank=self.lora["rank"], alpha=self.lora["alpha"], targets=sorted(self.lora["targets"]),
             base_model=self.model_name, architecture=args.model_type,
-            model_config={"num_attention_heads": args.num_attention_heads, "hidden_size": args.hidden_size,
-                          "num_key_value_heads": getattr(args, "num_key_value_heads", None) or args.num_attention_heads,
-                          "num_hidden_layers": args.num_hidden_layers},
+            model_config=model_facts(args),
             weights=weights,
         )
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmx_local.adapter import PEFT_PREFIX, LoraAdapter
+from rmx_local.adapter import PEFT_PREFIX, LoraAdapter, model_facts
 from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions, strip_eos
 from rmx_local.errors import RmxError
 from rmx_local.loss import sequence_loss, token_entropy
@@ -223,9 +223,7 @@ class TorchBackend:
         return LoraAdapter(
             rank=self.lora["rank"], alpha=self.lora["alpha"], targets=sorted(self.lora["targets"]),
             base_model=self.model_name, architecture=cfg.model_type,
-            model_config={"num_attention_heads": cfg.num_attention_heads, "hidden_size": cfg.hidden_size,
-                          "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-                          "num_hidden_layers": cfg.num_hidden_layers},
+            model_config=model_facts(cfg),
             weights=weights,
         )
 
