@@ -24,6 +24,38 @@ def prediction_gate(gate: torch.Tensor, prompt_len: int, seq_len: int) -> torch.
     return g
 
 
+def position_terms(logits: torch.Tensor, base_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_theta, KL(p_base || p_theta)) at every position of (..., V) logits, in fp32; base has no grad."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    base_logp = F.log_softmax(base_logits.detach().float(), dim=-1)
+    return logp, (base_logp.exp() * (base_logp - logp)).sum(-1)
+
+
+def combine_terms(
+    ce: torch.Tensor,  # (T-1,) CE of each prediction position's target
+    kl: torch.Tensor,  # (T-1,) KL(p_base || p_theta) at each prediction position
+    g: torch.Tensor,  # (T-1,) bool prediction gate (see `prediction_gate`)
+    advantage: float,
+    kl_coef: float,
+    negative_ce_cap: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One sequence's loss from its per-position terms: A * mean CE over D + kl_coef * mean KL elsewhere."""
+    n_gated = int(g.sum())
+    if n_gated:
+        ce_d = ce[g]
+        if advantage < 0 and negative_ce_cap > 0:
+            ce_d = ce_d.clamp(max=negative_ce_cap)
+        policy = advantage * ce_d.mean()
+    else:
+        policy = ce.new_zeros(())
+    kl_kept = kl[~g]
+    kl_mean = kl_kept.mean() if kl_kept.numel() else ce.new_zeros(())
+    loss = policy + kl_coef * kl_mean
+    metrics = {"loss": float(loss.detach()), "policy": float(policy.detach()), "kl": float(kl_mean.detach()), "gated": n_gated,
+               "ce_gated": float(ce[g].detach().mean()) if n_gated else 0.0}
+    return loss, metrics
+
+
 def sequence_loss(
     logits: torch.Tensor,  # (T-1, V) adapted model, rows predict tokens[1:]
     base_logits: torch.Tensor,  # (T-1, V) base model (adapter disabled), no grad
@@ -34,29 +66,9 @@ def sequence_loss(
     kl_coef: float,
     negative_ce_cap: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = logits.float()
-    logp = F.log_softmax(logits, dim=-1)
-    targets = tokens[1:]
-    ce = -logp.gather(-1, targets[:, None]).squeeze(-1)  # (T-1,)
-    g = prediction_gate(gate, prompt_len, tokens.numel())
-
-    n_gated = int(g.sum())
-    if n_gated:
-        ce_d = ce[g]
-        if advantage < 0 and negative_ce_cap > 0:
-            ce_d = ce_d.clamp(max=negative_ce_cap)
-        policy = advantage * ce_d.mean()
-    else:
-        policy = logits.new_zeros(())
-
-    keep = ~g
-    base_logp = F.log_softmax(base_logits.float(), dim=-1)[keep]
-    kl_t = (base_logp.exp() * (base_logp - logp[keep])).sum(-1)  # KL(p_base || p_theta) per position
-    kl = kl_t.mean() if kl_t.numel() else logits.new_zeros(())
-    loss = policy + kl_coef * kl
-    metrics = {"loss": float(loss.detach()), "policy": float(policy.detach()), "kl": float(kl.detach()), "gated": n_gated,
-               "ce_gated": float(ce[g].detach().mean()) if n_gated else 0.0}
-    return loss, metrics
+    logp, kl = position_terms(logits, base_logits)
+    ce = -logp.gather(-1, tokens[1:, None]).squeeze(-1)  # (T-1,)
+    return combine_terms(ce, kl, prediction_gate(gate, prompt_len, tokens.numel()), advantage, kl_coef, negative_ce_cap)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 1
     grad_accum: int = 8
+    batch_by_problem: bool = False  # micro-batches of one problem's rollouts (prompt computed once); paper: shuffled
     grad_clip: float = 1.0
     kl_coef: float = 0.2
     negative_ce_cap: float = 0.0  # 0 = unbounded (paper); >0 stops pushing a negative token once its CE exceeds this

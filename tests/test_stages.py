@@ -61,6 +61,15 @@ def test_schedule_and_deterministic_order():
     assert a == b and sorted(x for mb in a[:5] for x in mb) == ex  # each epoch is a permutation
 
 
+def test_batch_by_problem_keeps_a_problems_rollouts_together():
+    from rmx_local.backends import TrainExample
+
+    ex = [TrainExample([p, p, k], 2, np.array([False]), 0.0) for p in (5, 6, 7) for k in range(4)]
+    batches = micro_batches(ex, 6, 4, seed=1, by_problem=True)
+    assert all(len({e.tokens[0] for e in mb}) == 1 for mb in batches)  # one prompt per micro-batch
+    assert sorted(mb[0].tokens[0] for mb in batches[:3]) == [5, 6, 7]  # an epoch visits every problem once
+
+
 def test_positive_only_drops_negative_rollouts():
     seqs = [{"prompt_ids": [1, 2], "completion_ids": [3, 4], "advantage": a} for a in (1.0, -0.5, 0.3)]
     gates = [np.array([True, False])] * 3

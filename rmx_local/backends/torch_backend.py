@@ -1,4 +1,5 @@
-"""PyTorch backend: transformers for the model and sampling, PEFT for the LoRA correction.
+"""PyTorch backend: transformers for the model, PEFT for the LoRA correction, our own decode loop for sampling
+(torch_sampling) and prompt-sharing packed forwards for entropies and training (torch_packing).
 
 CPU runs in fp32; CUDA in bf16 (LoRA weights stay fp32, PEFT's default). Base logits for the KL anchor and
 for entropy scoring come from the same model with the LoRA layers switched off.
@@ -13,9 +14,11 @@ import numpy as np
 import torch
 
 from rmx_local.adapter import PEFT_PREFIX, LoraAdapter, model_facts
-from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions, strip_eos
+from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions
 from rmx_local.errors import RmxError
-from rmx_local.loss import sequence_loss, token_entropy
+from rmx_local.backends.torch_packing import pack, packed_logits
+from rmx_local.backends.torch_sampling import decode
+from rmx_local.loss import combine_terms, position_terms, prediction_gate, token_entropy
 
 
 def pick_device(name: str) -> str:
@@ -34,22 +37,6 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-class _TokenCounter:
-    """A transformers streamer that reports how many tokens each decoding step produced."""
-
-    def __init__(self, progress: Progress):
-        self.progress, self.first = progress, True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.first:  # the first call carries the prompt
-            self.first = False
-            return
-        self.progress(int(value.shape[0]))
-
-    def end(self) -> None:
-        pass
 
 
 class TorchBackend:
@@ -92,50 +79,21 @@ class TorchBackend:
         return cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
 
     # ---- sampling -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SampleParams, progress: Progress | None = None) -> list[list[list[int]]]:
-        from transformers import GenerationConfig
-
-        greedy = params.temperature == 0
-        n = 1 if greedy else params.n
-        config = GenerationConfig(
-            do_sample=not greedy, temperature=params.temperature if not greedy else None,
-            top_p=params.top_p if not greedy else None, top_k=0 if not greedy else None,
-            max_new_tokens=params.max_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-        )
+        n = 1 if params.temperature == 0 else params.n
         flat = [p for p in prompts for _ in range(n)]
-        outputs: list[list[int]] = []
-        torch.manual_seed(params.seed)
-        for start in range(0, len(flat), self.batch_size):
-            chunk = flat[start : start + self.batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):  # left padding
-                ids[i, width - len(p) :] = torch.tensor(p)
-                mask[i, width - len(p) :] = 1
-            out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=config,
-                streamer=_TokenCounter(progress) if progress else None,
-            )
-            for row in out[:, width:].tolist():
-                outputs.append(strip_eos(row, self.eos_ids))
-        return group_completions(outputs, len(prompts), params)
+        out = decode(self.model, flat, params, self.eos_ids, self.pad_id, self.batch_size, self.device, progress)
+        return group_completions(out, len(prompts), params)
 
     # ---- entropy scoring ------------------------------------------------------------------------
     @torch.inference_mode()
     def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
-        """One right-padded forward per call (causal attention: padding never affects real positions)."""
-        width = max(len(t) for t, _ in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (tokens, _) in enumerate(sequences):
-            ids[i, : len(tokens)] = torch.tensor(tokens)
-            mask[i, : len(tokens)] = 1
+        """One packed forward per call: rollouts that share a prompt share its forward (see torch_packing)."""
+        packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
         with self._adapter_off():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        return [token_entropy(logits[i, p - 1 : len(t) - 1]).cpu().numpy().astype(np.float32)
-                for i, (t, p) in enumerate(sequences)]
+            entropy = token_entropy(packed_logits(self.model, packed))  # (R, L)
+        return [entropy[packed.row[i], packed.index[i][p - 1 :]].cpu().numpy().astype(np.float32)
+                for i, (_, p) in enumerate(sequences)]
 
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
@@ -170,24 +128,18 @@ class TorchBackend:
             yield
 
     def accumulate(self, batch: list[TrainExample], kl_coef: float, negative_ce_cap: float, scale: float) -> dict[str, float]:
-        """One right-padded forward for the batch (adapter off, then on); the loss is the mean of sequence losses."""
+        """One packed forward for the batch (adapter off, then on); the loss is the mean of sequence losses."""
         self.model.train()
-        width = max(len(ex.tokens) for ex in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, ex in enumerate(batch):
-            ids[i, : len(ex.tokens)] = torch.tensor(ex.tokens)
-            mask[i, : len(ex.tokens)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        packed = pack([(ex.tokens, ex.prompt_len) for ex in batch], self.pad_id, self.model.dtype, self.device)
         with torch.no_grad(), self._adapter_off():
-            base_logits = self.model(input_ids=ids, attention_mask=mask).logits
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
+            base_logits = packed_logits(self.model, packed)
+        logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
         total, totals = 0.0, {}
         for i, ex in enumerate(batch):
-            n = len(ex.tokens)
-            gate = torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device)
-            loss, metrics = sequence_loss(logits[i, : n - 1], base_logits[i, : n - 1], ids[i, :n], ex.prompt_len, gate,
-                                          ex.advantage, kl_coef, negative_ce_cap)
+            row, idx = packed.row[i], packed.index[i]
+            ce = -logp[row, idx, packed.targets[i]]
+            g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
+            loss, metrics = combine_terms(ce, kl[row, idx], g, ex.advantage, kl_coef, negative_ce_cap)
             total = total + loss / len(batch)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batch)

@@ -1,7 +1,8 @@
 """Stage 4: train the LoRA correction with the ReasonMaxxer loss.
 
 The loop is the whole algorithm: AdamW (no weight decay by default), `warmup_steps` of linear warmup then
-linear decay to 0, global-norm clipping, `grad_accum` micro-batches of `batch_size` sequences per step.
+linear decay to 0, global-norm clipping, `grad_accum` micro-batches of `batch_size` sequences per step
+(shuffled sequences as in the paper, or with `batch_by_problem` one problem's rollouts together).
 Checkpoints (adapter + optimizer + step) go to `train/<key>/step-N/` every `checkpoint_every` steps and at
 the end; a killed run resumes from the newest one with the same data order. When the recipe holds out
 validation problems (`task.val_size`), each checkpoint is scored greedily on them and the best one is kept
@@ -42,12 +43,20 @@ def schedule(n_examples: int, t) -> tuple[int, int]:
     return micro, math.ceil(micro / t.grad_accum)
 
 
-def micro_batches(examples: list[TrainExample], n_micro: int, batch_size: int, seed: int) -> list[list[TrainExample]]:
-    """Deterministic data order: a fresh seeded permutation per epoch, cut into micro-batches."""
+def micro_batches(examples: list[TrainExample], n_micro: int, batch_size: int, seed: int,
+                  by_problem: bool = False) -> list[list[TrainExample]]:
+    """Deterministic data order: a fresh seeded permutation per epoch, cut into micro-batches.
+
+    `by_problem` permutes problems instead of sequences and keeps each problem's rollouts together, so a
+    micro-batch holds rollouts of one prompt (the torch backend then computes that prompt once)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(tuple(e.tokens[: e.prompt_len]) if by_problem else (i,), []).append(i)
+    members = list(groups.values())
     order: list[int] = []
     rng = np.random.default_rng(seed)
     while len(order) < n_micro * batch_size:
-        order += rng.permutation(len(examples)).tolist()
+        order += [i for g in rng.permutation(len(members)).tolist() for i in members[g]]
     return [[examples[i] for i in order[m * batch_size : (m + 1) * batch_size]] for m in range(n_micro)]
 
 
@@ -59,7 +68,7 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     if final.exists():
         return read_json(final)
     n_micro, n_steps = schedule(len(examples), t)
-    batches = micro_batches(examples, n_micro, t.batch_size, r.seed)
+    batches = micro_batches(examples, n_micro, t.batch_size, r.seed, t.batch_by_problem)
     backend = ctx.backend
     backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
     every = t.checkpoint_every or n_steps

@@ -1,0 +1,116 @@
+"""Batched sampling for the torch backend: a plain decode loop over a KV cache.
+
+Why not `model.generate`: a generate batch runs until its longest row ends, while here most completions end after
+~10 tokens and a few run to max_tokens; and every prompt repeats the same chat preamble. This loop
+  - prefills the prompts' common token prefix once and copies its KV cache into every row of every batch,
+  - left-pads the rest of each prompt after that prefix (explicit position ids, padding masked out),
+  - drops finished rows from the batch and the cache after every step, so the cost follows the tokens made,
+  - projects only the last position onto the vocabulary.
+Sampling: temperature, then top-p on the tempered distribution (a token is kept while the probability mass of the
+tokens ranked above it is < top_p), then a draw from a `torch.Generator` seeded once per call: reproducible for the
+same prompts, seed and batch size, but not the same random stream as `transformers`' own sampling. Greedy = argmax.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+from rmx_local.backends import Progress, SampleParams
+
+
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the longest token prefix shared by all prompts, leaving at least one token of each after it."""
+    shortest = min(map(len, prompts))
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+def next_tokens(logits: torch.Tensor, params: SampleParams, gen: torch.Generator) -> torch.Tensor:
+    """(B, V) last-position logits -> (B,) next token ids."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        above = sorted_p.cumsum(-1) - sorted_p  # mass ranked above each token
+        sorted_p = sorted_p.masked_fill(above >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _cache_io(model):
+    """transformers renamed `past_key_values` to `cache` (5.x): the keyword this model takes, and a getter."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return name, lambda out: getattr(out, name)
+
+
+@torch.inference_mode()
+def decode(model, prompts: list[list[int]], params: SampleParams, eos_ids: list[int], pad_id: int, batch_size: int,
+           device: str, progress: Progress | None = None) -> list[list[int]]:
+    """One completion per prompt (EOS not included), at most `params.max_tokens` tokens each."""
+    if not prompts or params.max_tokens <= 0:
+        return [[] for _ in prompts]
+    shared = common_prefix(prompts)
+    kw, cache_of = _cache_io(model)
+    prefix_cache = None
+    if shared:
+        ids = torch.tensor([prompts[0][:shared]], device=device)
+        prefix_cache = cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    gen = torch.Generator(device=device).manual_seed(params.seed)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+        out += _decode_batch(model, (kw, cache_of), [p[shared:] for p in chunk], shared, cache, params, set(eos_ids), pad_id,
+                             gen, device, progress)
+    return out
+
+
+def _decode_batch(model, cache_io, tails, shared, cache, params, eos, pad_id, gen, device, progress) -> list[list[int]]:
+    kw, cache_of = cache_io
+    B, width = len(tails), max(map(len, tails))
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    mask = torch.zeros((B, shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for i, t in enumerate(tails):
+        ids[i, width - len(t) :] = torch.tensor(t)
+        pos[i, width - len(t) :] = torch.arange(shared, shared + len(t))
+        mask[i, shared + width - len(t) :] = 1
+    ids, pos, mask = ids.to(device), pos.to(device), mask.to(device)
+    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
+    cache, logits = cache_of(first), first.logits[:, -1]
+    rows = torch.arange(B, device=device)  # which output each live batch row writes to
+    next_pos = torch.tensor([shared + len(t) for t in tails], device=device)
+    results: list[list[int]] = [[] for _ in range(B)]
+    while True:
+        tok = next_tokens(logits, params, gen)
+        keep = []
+        for j, (r, t) in enumerate(zip(rows.tolist(), tok.tolist())):
+            if t in eos:
+                continue
+            results[r].append(t)
+            if len(results[r]) < params.max_tokens:
+                keep.append(j)
+        if progress:
+            progress(sum(1 for t in tok.tolist() if t not in eos))
+        if not keep:
+            return results
+        if len(keep) < len(rows):  # retire finished rows from the batch and the cache
+            idx = torch.tensor(keep, device=device)
+            cache.batch_select_indices(idx)
+            rows, tok, mask, next_pos = rows[idx], tok[idx], mask[idx], next_pos[idx]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        step = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,
+                     logits_to_keep=1, **{kw: cache})
+        cache, logits = cache_of(step), step.logits[:, -1]
+        next_pos = next_pos + 1

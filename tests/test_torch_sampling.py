@@ -1,0 +1,55 @@
+"""The torch decode loop: greedy output equals transformers' generate; sampling is seeded and honours top-p."""
+
+import torch
+
+from rmx_local.backends import SampleParams
+from rmx_local.backends.torch_sampling import common_prefix, decode, next_tokens
+
+
+def prompts(tok):
+    chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    return [tok.encode(chat(q)) for q in ("What is 2+3?", "Hi", "What is 12 times 4, roughly?", "Hi")]
+
+
+def hf_greedy(model, prompt, max_tokens, eos):
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=eos)
+    row = out[0, len(prompt):].tolist()
+    return row[: row.index(eos)] if eos in row else row
+
+
+def test_common_prefix_leaves_a_token():
+    assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2
+    assert common_prefix([[1, 2], [1, 2, 3]]) == 1  # the shortest prompt keeps its last token
+    assert common_prefix([[7], [1]]) == 0
+
+
+def test_greedy_equals_transformers_generate(torch_backend, tokenizer):
+    ps = prompts(tokenizer)
+    model, eos = torch_backend.model, tokenizer.eos_token_id
+    # an EOS that the random model actually emits, so rows finish at different steps and get retired
+    ours = decode(model, ps, SampleParams(1, 0.0, 1.0, 24, 0), [eos], eos, batch_size=3, device="cpu")
+    assert ours == [hf_greedy(model, p, 24, eos) for p in ps]
+    common = max(set(t for row in ours for t in row), key=lambda t: sum(row.count(t) for row in ours))
+    stop_early = decode(model, ps, SampleParams(1, 0.0, 1.0, 24, 0), [common], eos, batch_size=4, device="cpu")
+    assert stop_early == [hf_greedy(model, p, 24, common) for p in ps]
+    assert any(len(r) < 24 for r in stop_early) and any(len(r) > 0 for r in stop_early)
+
+
+def test_sampling_is_seeded():
+    ps = [[1, 5, 6], [1, 5, 7, 8]]
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(40)
+    a = decode(model, ps, SampleParams(1, 1.0, 0.95, 12, 3), [2], 2, 8, "cpu")
+    assert a == decode(model, ps, SampleParams(1, 1.0, 0.95, 12, 3), [2], 2, 8, "cpu")
+    assert a != decode(model, ps, SampleParams(1, 1.0, 0.95, 12, 4), [2], 2, 8, "cpu")
+
+
+def test_top_p_keeps_the_smallest_head_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(next_tokens(logits, SampleParams(1, 1.0, 0.8, 1, 0), gen)) for _ in range(400)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.8: tokens 2 and 3 are cut
+    seen = {int(next_tokens(logits, SampleParams(1, 1.0, 0.81, 1, 0), gen)) for _ in range(400)}
+    assert seen == {0, 1, 2}
