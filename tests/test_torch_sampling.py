@@ -44,6 +44,8 @@ def test_sampling_is_seeded():
     a = decode(model, ps, SampleParams(1, 1.0, 0.95, 12, 3), [2], 2, 8, "cpu")
     assert a == decode(model, ps, SampleParams(1, 1.0, 0.95, 12, 3), [2], 2, 8, "cpu")
     assert a != decode(model, ps, SampleParams(1, 1.0, 0.95, 12, 4), [2], 2, 8, "cpu")
+    copies = decode(model, [ps[1]] * 6, SampleParams(1, 1.0, 1.0, 12, 3), [2], 2, 8, "cpu")  # one prefill, 6 rows
+    assert len({tuple(c) for c in copies}) == 6  # each row draws its own tokens
 
 
 def test_top_p_keeps_the_smallest_head_reaching_p():

@@ -3,7 +3,8 @@
 Why not `model.generate`: a generate batch runs until its longest row ends, while here most completions end after
 ~10 tokens and a few run to max_tokens; and every prompt repeats the same chat preamble. This loop
   - prefills the prompts' common token prefix once and copies its KV cache into every row of every batch,
-  - left-pads the rest of each prompt after that prefix (explicit position ids, padding masked out),
+  - left-pads the rest of each prompt after that prefix (explicit position ids, padding masked out) and prefills
+    each distinct prompt once, however many completions it gets,
   - drops finished rows from the batch and the cache after every step, so the cost follows the tokens made,
   - projects only the last position onto the vocabulary.
 Sampling: temperature, then top-p on the tempered distribution (a token is kept while the probability mass of the
@@ -66,10 +67,7 @@ def decode(model, prompts: list[list[int]], params: SampleParams, eos_ids: list[
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(chunk))
+        cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None
         out += _decode_batch(model, (kw, cache_of), [p[shared:] for p in chunk], shared, cache, params, set(eos_ids), pad_id,
                              gen, device, progress)
     return out
@@ -77,18 +75,25 @@ def decode(model, prompts: list[list[int]], params: SampleParams, eos_ids: list[
 
 def _decode_batch(model, cache_io, tails, shared, cache, params, eos, pad_id, gen, device, progress) -> list[list[int]]:
     kw, cache_of = cache_io
-    B, width = len(tails), max(map(len, tails))
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, width), dtype=torch.long)
-    mask = torch.zeros((B, shared + width), dtype=torch.long)
+    B = len(tails)
+    unique = list(dict.fromkeys(map(tuple, tails)))  # rollouts repeat each prompt n times: prefill it once
+    expand = torch.tensor([unique.index(tuple(t)) for t in tails], device=device)
+    width = max(map(len, unique))
+    ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(unique), width), dtype=torch.long)
+    mask = torch.zeros((len(unique), shared + width), dtype=torch.long)
     mask[:, :shared] = 1
-    for i, t in enumerate(tails):
+    for i, t in enumerate(unique):
         ids[i, width - len(t) :] = torch.tensor(t)
         pos[i, width - len(t) :] = torch.arange(shared, shared + len(t))
         mask[i, shared + width - len(t) :] = 1
-    ids, pos, mask = ids.to(device), pos.to(device), mask.to(device)
-    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
-    cache, logits = cache_of(first), first.logits[:, -1]
+    if cache is not None:
+        cache.batch_repeat_interleave(len(unique))
+    first = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=True,
+                  logits_to_keep=1, **{kw: cache})
+    cache, logits, mask = cache_of(first), first.logits[:, -1][expand], mask.to(device)[expand]
+    if len(unique) < B:
+        cache.batch_select_indices(expand)
     rows = torch.arange(B, device=device)  # which output each live batch row writes to
     next_pos = torch.tensor([shared + len(t) for t in tails], device=device)
     results: list[list[int]] = [[] for _ in range(B)]
