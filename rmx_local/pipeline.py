@@ -37,7 +37,7 @@ def peak_rss_mb() -> float:
 def versions() -> dict[str, str]:
     out = {"rmx-local": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "mlx", "mlx_lm", "llama_cpp", "gguf", "math_verify"):
-        mod = sys.modules.get(name)
+        mod = sys.modules.get("mlx.core" if name == "mlx" else name)  # mlx keeps its version in mlx.core
         if mod is not None:
             out[name] = getattr(mod, "__version__", "?")
     return out
