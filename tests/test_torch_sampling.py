@@ -55,3 +55,13 @@ def test_top_p_keeps_the_smallest_head_reaching_p():
     assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.8: tokens 2 and 3 are cut
     seen = {int(next_tokens(logits, SampleParams(1, 1.0, 0.81, 1, 0), gen)) for _ in range(400)}
     assert seen == {0, 1, 2}
+
+
+def test_top_p_beyond_the_ranked_head_falls_back_to_a_full_sort():
+    from rmx_local.backends.torch_sampling import HEAD
+
+    V = 3 * HEAD
+    logits = torch.zeros(1, V)  # uniform: top-p 0.9 keeps 0.9 * V tokens, more than the ranked head
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(next_tokens(logits, SampleParams(1, 1.0, 0.9, 1, 0), gen)) for _ in range(3000)}
+    assert HEAD < len(seen) <= int(0.9 * V) + 1

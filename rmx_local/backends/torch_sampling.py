@@ -31,17 +31,26 @@ def common_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
+HEAD = 64  # candidates ranked by top-k before a full sort is needed
+
+
 def next_tokens(logits: torch.Tensor, params: SampleParams, gen: torch.Generator) -> torch.Tensor:
-    """(B, V) last-position logits -> (B,) next token ids."""
+    """(B, V) last-position logits -> (B,) next token ids.
+
+    Top-p ranks only the `HEAD` most likely tokens when they already hold `top_p` of the mass (almost always at
+    T <= 1; exact, and ~50x cheaper than sorting a 49k vocabulary per row), else sorts the whole vocabulary."""
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        above = sorted_p.cumsum(-1) - sorted_p  # mass ranked above each token
-        sorted_p = sorted_p.masked_fill(above >= params.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    if params.top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    head_p, head_idx = probs.topk(min(HEAD, probs.shape[-1]), dim=-1)  # sorted, descending
+    if not bool((head_p.sum(-1) >= params.top_p).all()):
+        head_p, head_idx = probs.sort(dim=-1, descending=True)
+    above = head_p.cumsum(-1) - head_p  # mass ranked above each token
+    head_p = head_p.masked_fill(above >= params.top_p, 0.0)
+    pick = torch.multinomial(head_p, 1, generator=gen)
+    return head_idx.gather(-1, pick).squeeze(-1)
 
 
 def _cache_io(model):
