@@ -11,8 +11,8 @@ How it samples (shortcuts stated):
     its logits do not depend on its batch-mates, and the copy of a prefix into a slot is a buffer copy. A unified
     KV (prompt cells shared) was measured: no faster here (2 cores, Q4_1 SmolLM2), and a sequence's logits then
     change with the other sequences in the batch (up to 0.5 per logit), so seeded results depend on `parallel`.
-  - Batching gains on a CPU are modest (+5-15% at 8-16 sequences on 2 busy cores: decoding a Q4_1 model there is
-    compute-bound); `make_engine` caps `parallel` at 8 to bound KV memory.
+  - Batching gains on a CPU are modest (2 cores, Q4_1 SmolLM2: 52 tok/s at 8 sequences, 59 at 32; decoding is
+    compute-bound there); `make_engine` caps `parallel` at 32 to bound KV memory.
   - Sampling per completion: a llama.cpp sampler chain temperature -> top-p -> dist(seed), i.e. the same order
     as transformers (top-p on the tempered distribution), no top-k / min-p / penalties; greedy at temperature 0
     (one completion, repeated n times). Seeds come from `derive_seed(params.seed, prompt, sample)`, so results
