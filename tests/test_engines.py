@@ -71,7 +71,7 @@ def test_make_engine_choices(tokenizer, monkeypatch):
     assert engine.api_key == "sk-test"
     recipe.rollout.engine, recipe.rollout.batch_size = "llama_cpp", 64
     engine = make_engine(recipe, gguf, tokenizer, lambda: None)  # nothing loaded yet
-    assert engine.name == "llama_cpp" and engine.model is None and engine.parallel == 8
+    assert engine.name == "llama_cpp" and engine.model is None and engine.parallel == 32  # capped
 
 
 def test_seeds_and_urls():
