@@ -8,6 +8,7 @@ evaluation excluded, so the anchor is the pure decode speed and the ratio is con
 
     python benchmarks/rollouts.py                       # all rows, embedded SmolLM2-135M-Instruct (Q4_1)
     python benchmarks/rollouts.py --max-tokens 256 --n 8 --skip torch,openai --threads 1
+    python benchmarks/rollouts.py --prompts 56 --n 8 --max-tokens 64 --parallel 8,32 --skip openai --brief  # quickstart-shaped
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from rmx_local.engines.llama_cpp_engine import LlamaCppEngine, cpu_count  # noqa
 from rmx_local.models import resolve_model  # noqa: E402
 
 SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-QUESTIONS = ["What is 7 + 5?", "What is 9 - 4?", "What is 6 * 3?", "What is 8 + 9?", "What is 4 * 7?", "What is 9 - 2?",
-             "What is 3 + 8?", "What is 5 * 5?"]
+BRIEF = "\nThink briefly, then end with: The answer is N."  # the quickstart's instruction
+FIRST = ["What is 7 + 5?", "What is 9 - 4?", "What is 6 * 3?", "What is 8 + 9?", "What is 4 * 7?", "What is 9 - 2?",
+         "What is 3 + 8?", "What is 5 * 5?"]
+QUESTIONS = list(dict.fromkeys(FIRST + [f"What is {a} {op} {b}?" for op in "+-*" for a in range(1, 10) for b in range(1, 10)]))
 
 
 def raw_llama_cpp(engine: LlamaCppEngine, prompts: list[str], params: SampleParams) -> tuple[float, int]:
@@ -80,6 +83,7 @@ def main() -> None:
     ap.add_argument("--parallel", default="1,8", help="llama_cpp engine slot counts to try")
     ap.add_argument("--skip", default="", help="comma list of rows to skip: torch,openai")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp and torch threads (0 = all cores)")
+    ap.add_argument("--brief", action="store_true", help="the quickstart's brief-answer instruction instead of CoT")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -87,8 +91,9 @@ def main() -> None:
 
     source = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(source.hf_path)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q + SUFFIX}], tokenize=False, add_generation_prompt=True)
-               for q in (QUESTIONS * 4)[: args.prompts]]
+    suffix = BRIEF if args.brief else SUFFIX
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q + suffix}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS[: args.prompts]]
     ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
     params = SampleParams(n=args.n, temperature=args.temperature, top_p=0.95, max_tokens=args.max_tokens, seed=0)
     print(f"model {args.model} ({Path(source.gguf_path).name}), {len(prompts)} prompts x {args.n} completions, "

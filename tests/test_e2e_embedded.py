@@ -9,7 +9,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = ["task.train_size=12", "task.eval_size=8", "rollout.n=4", "rollout.max_tokens=48", "eval.max_tokens=48",
+# rollouts through llama.cpp (engine auto, for the GGUF on a CPU): the quickstart itself samples with torch,
+# which the evaluations exercise here
+TINY = ["rollout.engine=auto", "task.train_size=12", "task.eval_size=8", "rollout.n=4", "rollout.max_tokens=48", "eval.max_tokens=48",
         "eval.n_samples=0", "train.grad_accum=4", "train.warmup_steps=1", "select.max_problems=4"]
 
 
@@ -22,15 +24,17 @@ def test_run_quickstart_tiny(tmp_path, backend):
     if backend == "mlx":
         pytest.importorskip("mlx_lm")
         if not os.environ.get("RMX_TEST_MLX_E2E"):
-            # mlx's Linux CPU build is ~6 GFLOP/s: rollouts come from llama.cpp (engine auto) and MLX does the
-            # entropies, training and evaluation, still minutes on 2 cores. Opt in with RMX_TEST_MLX_E2E=1.
+            # mlx's Linux CPU build is ~6 GFLOP/s: rollouts come from llama.cpp and MLX does the entropies,
+            # training and evaluation, still minutes on 2 cores. Opt in with RMX_TEST_MLX_E2E=1 (.ci/run does).
             pytest.skip("set RMX_TEST_MLX_E2E=1 to run the MLX end-to-end check (slow on Linux CPU)")
     run_dir = tmp_path / "run"
-    extra = ["rollout.max_tokens=16", "eval.max_tokens=16", "task.eval_size=2"] if backend == "mlx" else []
+    # MLX: 2 problems x 4 rollouts of <= 16 tokens, so entropy + training + evaluation stay a few minutes on 2 cores
+    extra = ["rollout.max_tokens=16", "eval.max_tokens=16", "task.eval_size=2", "select.max_problems=2"] if backend == "mlx" else []
     out = rmx("run", "recipes/quickstart.toml", f"run_dir={json.dumps(str(run_dir))}", f"backend={backend}", "--plain", *TINY, *extra)
     assert "base vs adapted" in out.stdout, out.stdout + out.stderr
     s = json.loads((run_dir / "summary.json").read_text())
-    assert s["train_sequences"] > 0 and 0.03 <= s["gated_fraction"] <= 0.08
+    # a 5% gate; with MLX's ~80 completion tokens, tied entropies of identical rollouts can leave only 2 above tau
+    assert s["train_sequences"] > 0 and s["gate"]["gated"] >= 2 and (0.03 if backend == "torch" else 0.02) <= s["gated_fraction"] <= 0.08
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     again = rmx("run", "recipes/quickstart.toml", f"run_dir={json.dumps(str(run_dir))}", f"backend={backend}", "--plain", *TINY, *extra)
     assert "rollouts: engine" not in again.stdout  # nothing left to sample on a rerun
