@@ -77,7 +77,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 1
     grad_accum: int = 8
-    batch_by_problem: bool = False  # micro-batches of one problem's rollouts (prompt computed once); paper: shuffled
+    group_size: int = 1  # shuffle groups of this many rollouts of one problem (prompt computed once per group); paper: 1
     grad_clip: float = 1.0
     kl_coef: float = 0.2
     negative_ce_cap: float = 0.0  # 0 = unbounded (paper); >0 stops pushing a negative token once its CE exceeds this
@@ -228,6 +228,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (0 <= r.select.trim_longest < 1, "select.trim_longest must be in [0, 1)"),
         (r.train.lora_rank > 0, "train.lora_rank must be > 0"),
         (r.train.grad_accum > 0 and r.train.batch_size > 0, "train.batch_size and train.grad_accum must be > 0"),
+        (r.train.group_size >= 1, "train.group_size must be >= 1 (1 = shuffled sequences)"),
         (r.task.train_size > 0, "task.train_size must be > 0"),
         (r.task.name != "jsonl" or r.task.path, "task.path is required when task.name = \"jsonl\""),
         (r.eval.n_samples >= 0, "eval.n_samples must be >= 0"),

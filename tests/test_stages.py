@@ -61,13 +61,17 @@ def test_schedule_and_deterministic_order():
     assert a == b and sorted(x for mb in a[:5] for x in mb) == ex  # each epoch is a permutation
 
 
-def test_batch_by_problem_keeps_a_problems_rollouts_together():
+def test_group_size_keeps_rollouts_of_a_problem_together():
     from rmx_local.backends import TrainExample
 
     ex = [TrainExample([p, p, k], 2, np.array([False]), 0.0) for p in (5, 6, 7) for k in range(4)]
-    batches = micro_batches(ex, 6, 4, seed=1, by_problem=True)
-    assert all(len({e.tokens[0] for e in mb}) == 1 for mb in batches)  # one prompt per micro-batch
-    assert sorted(mb[0].tokens[0] for mb in batches[:3]) == [5, 6, 7]  # an epoch visits every problem once
+    whole = micro_batches(ex, 6, 4, seed=1, group_size=4)
+    assert all(len({e.tokens[0] for e in mb}) == 1 for mb in whole)  # one problem per micro-batch
+    assert sorted(mb[0].tokens[0] for mb in whole[:3]) == [5, 6, 7]  # an epoch visits every problem once
+    halves = micro_batches(ex, 3, 4, seed=1, group_size=2)
+    assert all(sum(e.tokens[0] == mb[0].tokens[0] for e in mb) % 2 == 0 for mb in halves)  # pairs stay together
+    assert sorted(id(e) for mb in halves for e in mb) == sorted(id(e) for e in ex)  # an epoch is a permutation
+    assert any(len({e.tokens[0] for e in mb}) == 2 for mb in halves)  # and groups of different problems mix
 
 
 def test_positive_only_drops_negative_rollouts():

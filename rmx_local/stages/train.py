@@ -2,7 +2,7 @@
 
 The loop is the whole algorithm: AdamW (no weight decay by default), `warmup_steps` of linear warmup then
 linear decay to 0, global-norm clipping, `grad_accum` micro-batches of `batch_size` sequences per step
-(shuffled sequences as in the paper, or with `batch_by_problem` one problem's rollouts together).
+(shuffled sequences as in the paper, or shuffled groups of `group_size` rollouts of one problem).
 Checkpoints (adapter + optimizer + step) go to `train/<key>/step-N/` every `checkpoint_every` steps and at
 the end; a killed run resumes from the newest one with the same data order. When the recipe holds out
 validation problems (`task.val_size`), each checkpoint is scored greedily on them and the best one is kept
@@ -44,19 +44,23 @@ def schedule(n_examples: int, t) -> tuple[int, int]:
 
 
 def micro_batches(examples: list[TrainExample], n_micro: int, batch_size: int, seed: int,
-                  by_problem: bool = False) -> list[list[TrainExample]]:
+                  group_size: int = 1) -> list[list[TrainExample]]:
     """Deterministic data order: a fresh seeded permutation per epoch, cut into micro-batches.
 
-    `by_problem` permutes problems instead of sequences and keeps each problem's rollouts together, so a
-    micro-batch holds rollouts of one prompt (the torch backend then computes that prompt once)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(tuple(e.tokens[: e.prompt_len]) if by_problem else (i,), []).append(i)
-    members = list(groups.values())
-    order: list[int] = []
+    `group_size` > 1 permutes groups of that many rollouts of one problem instead of single sequences (each
+    problem's rollouts shuffled, then cut into groups), so a micro-batch holds few prompts and the torch backend
+    computes each of them once. 1 = the paper's shuffled sequences."""
     rng = np.random.default_rng(seed)
+    problems: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(examples):
+        problems.setdefault(tuple(e.tokens[: e.prompt_len]) if group_size > 1 else (i,), []).append(i)
+    order: list[int] = []
     while len(order) < n_micro * batch_size:
-        order += [i for g in rng.permutation(len(members)).tolist() for i in members[g]]
+        groups = []
+        for members in problems.values():
+            members = [members[j] for j in rng.permutation(len(members))] if group_size > 1 else members
+            groups += [members[k : k + group_size] for k in range(0, len(members), group_size)]
+        order += [i for g in rng.permutation(len(groups)).tolist() for i in groups[g]]
     return [[examples[i] for i in order[m * batch_size : (m + 1) * batch_size]] for m in range(n_micro)]
 
 
@@ -68,7 +72,7 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     if final.exists():
         return read_json(final)
     n_micro, n_steps = schedule(len(examples), t)
-    batches = micro_batches(examples, n_micro, t.batch_size, r.seed, t.batch_by_problem)
+    batches = micro_batches(examples, n_micro, t.batch_size, r.seed, t.group_size)
     backend = ctx.backend
     backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
     every = t.checkpoint_every or n_steps
