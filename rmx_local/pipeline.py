@@ -73,7 +73,8 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     base_eval = None
     if splits["eval"]:
         base_eval = cached_eval(ctx, splits["eval"], "base", eval_key)
-    report = run_train(ctx, examples, splits["val"])
+    selection = splits["val"] or (splits["train"] if recipe.train.select_on_train else [])
+    report = run_train(ctx, examples, selection)
     adapter_dir = ctx.path("train", report["key"], f"step-{report['best_step']}", "adapter")
     adapter = load_peft(adapter_dir)
     adapter.base_model = recipe.model

@@ -117,6 +117,14 @@ def test_training_resumes_from_checkpoint_identically(model_dir, tmp_path, monke
     np.testing.assert_allclose(losses("a", full["train"]["key"]), losses("b", resumed["train"]["key"]), rtol=1e-5)
 
 
+def test_select_on_train_scores_checkpoints_on_the_training_problems(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(select_stage, "verify_many", alternate)
+    s = run_pipeline(recipe(model_dir, tmp_path / "run", "train.checkpoint_every=2", "train.select_on_train=true"), UI(rich=False))
+    assert sorted(int(k) for k in s["train"]["val"]) == [0, 2, 4, 6]  # the base, then every checkpoint
+    assert s["train"]["best_step"] == 2  # the random model answers nothing right: ties go to the earliest step
+    assert [p.name for p in (tmp_path / "run" / "train" / s["train"]["key"]).glob("step-*")] == ["step-2"]
+
+
 def test_no_mixed_problems_is_one_clear_error(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(select_stage, "verify_many", lambda t, g, timeout_s=5.0: [Verdict(False, None)] * len(t))
     with pytest.raises(RmxError, match="no mixed problems") as e:

@@ -5,8 +5,9 @@ linear decay to 0, global-norm clipping, `grad_accum` micro-batches of `batch_si
 (shuffled sequences as in the paper, or shuffled groups of `group_size` rollouts of one problem).
 Checkpoints (adapter + optimizer + step) go to `train/<key>/step-N/` every `checkpoint_every` steps and at
 the end; a killed run resumes from the newest one with the same data order. When the recipe holds out
-validation problems (`task.val_size`), each checkpoint is scored greedily on them and the best one is kept
-(ties go to the earlier step), as the paper does; otherwise the last checkpoint is kept.
+validation problems (`task.val_size`; or, with `select_on_train`, the training problems themselves), each
+checkpoint is scored greedily on them and the best one is kept (ties go to the earlier step), as the paper
+does; otherwise the last checkpoint is kept.
 `<key>` hashes every setting training depends on, so an `lr` sweep in one run folder reuses the rollouts.
 """
 
