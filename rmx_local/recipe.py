@@ -84,7 +84,7 @@ class TrainConfig:
     positive_only: bool = False  # control: drop negative-advantage rollouts
     random_gate: bool = False  # control: gate a random set of the same size instead of high-entropy tokens
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only at the end); also the validation cadence
-    select_on_train: bool = False  # no val split: pick the checkpoint (or the base) by greedy accuracy on the train problems
+    select_on_train: bool = False  # no val split: pick the checkpoint by greedy accuracy on the train problems
 
 
 @dataclass

@@ -108,15 +108,16 @@ def _decode_batch(model, cache_io, tails, shared, cache, params, eos, pad_id, ge
     results: list[list[int]] = [[] for _ in range(B)]
     while True:
         tok = next_tokens(logits, params, gen)
-        keep = []
+        keep, made = [], 0
         for j, (r, t) in enumerate(zip(rows.tolist(), tok.tolist())):
             if t in eos:
                 continue
             results[r].append(t)
+            made += 1
             if len(results[r]) < params.max_tokens:
                 keep.append(j)
         if progress:
-            progress(sum(1 for t in tok.tolist() if t not in eos))
+            progress(made)
         if not keep:
             return results
         if len(keep) < len(rows):  # retire finished rows from the batch and the cache

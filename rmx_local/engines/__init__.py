@@ -4,7 +4,7 @@ Rollout generation is the dominant cost of a run, and it only needs the *frozen*
 the training framework:
 
   backend    the training backend's own `generate` (torch / mlx); the only engine that sees a LoRA correction
-  llama_cpp  llama.cpp in-process on the model's GGUF (`llama-cpp-python`); the fastest choice on a CPU
+  llama_cpp  llama.cpp in-process on the model's GGUF (`llama-cpp-python`); fastest on a CPU at small batches
   openai     any OpenAI-compatible `/v1/completions` server (vLLM, llama.cpp server, ...), possibly remote
   auto       llama_cpp when the model has a GGUF, no CUDA/MPS device is present and llama_cpp imports;
              otherwise backend
