@@ -323,6 +323,49 @@ def test_llama_cpp_sampling_is_seeded_and_independent_of_batching(smol, llama_en
         other.close()
 
 
+def test_llama_cpp_shared_preamble_and_consecutive_steps(smol, llama_engine, monkeypatch):
+    """Prompts sampled together (chat preamble decoded once, slots compacted at the tail) give each prompt the
+    completions it gets alone, and every decode step's sequence ids are one consecutive run from 0."""
+    from rmx_local.engines.llama_cpp_engine import LlamaCppEngine
+
+    greedy = params(n=1, temperature=0)
+    alone = [llama_engine.sample_tokens([p], greedy)[0] for p in smol.prompts]
+    toks = [llama_engine.tokenize(p) for p in smol.prompts]
+    assert llama_engine._decode_preamble(toks) > 20  # the system preamble of the chat template
+    steps, decode = [], llama_engine._decode
+
+    def record():
+        b = llama_engine.batch
+        if b.logits[0]:  # a sampling step (prefills ask for no logits)
+            steps.append([b.seq_id[k][0] for k in range(b.n_tokens)])
+        decode()
+
+    monkeypatch.setattr(llama_engine, "_decode", record)
+    assert llama_engine.sample_tokens(smol.prompts, greedy) == alone
+    sampled = llama_engine.sample_tokens(smol.prompts, params(n=3, temperature=1.0, max_tokens=24))
+    assert any(len(s) < 4 for s in steps) and all(s == list(range(len(s))) for s in steps)
+    one = LlamaCppEngine(smol.source.gguf_path, smol.tok, threads=LLAMA_THREADS, parallel=1)
+    try:  # one slot: no batch-mates, nothing to compact
+        assert one.sample_tokens(smol.prompts, params(n=3, temperature=1.0, max_tokens=24)) == sampled
+    finally:
+        one.close()
+
+
+def test_llama_cpp_compact_moves_live_sequences_down():
+    """At the tail, live sequences move (one KV stream copy each) into the lowest free slots."""
+    from rmx_local.engines.llama_cpp_engine import LlamaCppEngine
+
+    calls = []
+    engine = LlamaCppEngine("unused.gguf", None, parallel=6)
+    engine.mem = "mem"
+    engine.ll = SimpleNamespace(llama_memory_seq_cp=lambda m, a, b, p0, p1: calls.append(("cp", a, b)),
+                                llama_memory_seq_rm=lambda m, a, p0, p1: calls.append(("rm", a)))
+    live, free = {1: "a", 4: "b", 5: "c"}, [0, 2, 3]
+    engine._compact(live, free)
+    assert live == {0: "c", 1: "a", 2: "b"} and sorted(free) == [3, 4, 5]
+    assert calls == [("cp", 5, 0), ("rm", 5), ("cp", 4, 2), ("rm", 4)]
+
+
 @pytest.fixture(scope="module")
 def llama_server(smol):
     pytest.importorskip("llama_cpp.server.app", exc_type=ImportError)
@@ -339,6 +382,6 @@ def test_openai_engine_against_llama_cpp_server(smol, llama_engine, llama_server
     assert greedy == [[smol.tok.encode(llama_engine.detokenize(c), add_special_tokens=False) for c in row] for row in raw]
     for ids, row in zip(smol.ids, greedy):
         assert smol.tok.decode(ids + row[0]).startswith(smol.tok.decode(ids))
-    sampled = engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=8))
+    sampled = engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=24))
     assert len(sampled[0]) == 3 and all(0 < len(c) <= 8 for c in sampled[0]) and engine.send_n is False
-    assert sampled == engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=8))
+    assert sampled == engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=24))

@@ -7,12 +7,19 @@ How it samples (shortcuts stated):
     each); a finished sequence's slot immediately takes the next pending completion. Each prompt is decoded once
     (minus its last token) into a prefix sequence whose KV cells are copied (`llama_memory_seq_cp`) into every
     slot that samples it; the slot then decodes the prompt's last token itself, which yields its first logits.
+    The tokens all prompts share (a chat template's system preamble: ~28 of the quickstart's ~49) are decoded
+    once per call into a preamble sequence that every prefix starts from.
+  - A step's sequence ids must be consecutive: llama.cpp splits a batch over separate KV streams wherever the
+    ids skip one, one `llama_decode` pass per piece (measured: 16 sequences with gaps 203 ms a step, without
+    98 ms). So slots are batched in id order, and once nothing is pending the live sequences are moved down
+    (a stream copy) into the lowest slots as others finish.
   - KV layout: one stream per sequence (`kv_unified = False`): each sequence attends only to its own cells, so
     its logits do not depend on its batch-mates, and the copy of a prefix into a slot is a buffer copy. A unified
     KV (prompt cells shared) was measured: no faster here (2 cores, Q4_1 SmolLM2), and a sequence's logits then
     change with the other sequences in the batch (up to 0.5 per logit), so seeded results depend on `parallel`.
-  - Batching gains on a CPU are modest (2 cores, Q4_1 SmolLM2: 52 tok/s at 8 sequences, 59 at 32; decoding is
-    compute-bound there); `make_engine` caps `parallel` at 32 to bound KV memory.
+  - Batching gains on a CPU are modest (2 cores, Q4_1 SmolLM2, quickstart-shaped 55 prompts x 8: 88 tok/s at 16
+    sequences, 84 at 32, single-sequence decode 72; Q4_1 has no batched GEMM kernel on x86); `make_engine` caps
+    `parallel` at 32 to bound KV memory.
   - Sampling per completion: a llama.cpp sampler chain temperature -> top-p -> dist(seed), i.e. the same order
     as transformers (top-p on the tempered distribution), no top-k / min-p / penalties; greedy at temperature 0
     (one completion, repeated n times). Seeds come from `derive_seed(params.seed, prompt, sample)`, so results
@@ -100,7 +107,7 @@ class LlamaCppEngine:
         if self.ctx is not None and cells <= self.ctx_cells:
             return
         self._free_context()
-        n_seq = self.parallel + 2  # sampling slots + two prompt prefixes (current and next prompt)
+        n_seq = self.parallel + 3  # sampling slots + two prompt prefixes (current and next prompt) + the preamble
         p = ll.llama_context_default_params()
         p.n_seq_max, p.kv_unified = n_seq, False
         p.n_ctx = cells * n_seq  # one KV stream of `cells` per sequence
@@ -168,6 +175,7 @@ class LlamaCppEngine:
         self._ensure_context(max(map(len, toks)) + params.max_tokens + 1)
         ll, mem = self.ll, self.mem
         ll.llama_memory_clear(mem, True)
+        shared = self._decode_preamble(toks)
         pending = deque((i, j) for i in range(len(prompts)) for j in range(n))
         prefix: dict[int, int] = {}  # prompt -> prefix sequence id
         free = list(range(self.parallel - 1, -1, -1))  # sampling slots = sequence ids 0..parallel-1
@@ -175,10 +183,11 @@ class LlamaCppEngine:
         out: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
         try:
             while pending or live:
+                free.sort(reverse=True)  # pop() gives the lowest free slot
                 while free and pending:  # start completions in free slots
                     i, j = pending.popleft()
                     if i not in prefix:
-                        prefix[i] = self._prefill(toks[i][:-1], prefix)
+                        prefix[i] = self._prefill(toks[i][:-1], prefix, shared)
                     slot = free.pop()
                     ll.llama_memory_seq_cp(mem, prefix[i], slot, -1, -1)
                     sampler = self._sampler(params, derive_seed(params.seed, i, j))
@@ -187,6 +196,8 @@ class LlamaCppEngine:
                         # (safe before the copy runs: llama_decode applies pending copies before anything else,
                         # and seq_rm only frees cells, it does not overwrite them)
                         ll.llama_memory_seq_rm(mem, prefix.pop(i), -1, -1)
+                if not pending:
+                    self._compact(live, free)
                 made = self._step(live, free, out, params.max_tokens)
                 if progress and made:
                     progress(made)
@@ -198,7 +209,7 @@ class LlamaCppEngine:
     def _step(self, live: dict[int, _Seq], free: list[int], out: list, max_tokens: int) -> int:
         """Decode one token for every live sequence, sample the next ones, retire finished sequences."""
         ll, b = self.ll, self.batch
-        order = list(live)
+        order = sorted(live)
         for k, slot in enumerate(order):
             s = live[slot]
             b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = s.next_token, s.pos, 1, 1
@@ -221,19 +232,51 @@ class LlamaCppEngine:
                 free.append(slot)
         return made
 
-    def _prefill(self, tokens: list[int], prefix: dict[int, int]) -> int:
-        """Decode a prompt (without logits) into a free prefix sequence; return that sequence id."""
+    def _compact(self, live: dict[int, _Seq], free: list[int]) -> None:
+        """Move live sequences from the highest slots into the lowest free ones, so a step's ids stay consecutive."""
+        free.sort(reverse=True)  # free[-1] is the lowest
+        for slot in sorted(live, reverse=True):
+            if not free or free[-1] > slot:
+                break
+            to = free.pop()
+            self.ll.llama_memory_seq_cp(self.mem, slot, to, -1, -1)  # applied at the next decode, before it runs
+            self.ll.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            live[to] = live.pop(slot)
+            free.append(slot)
+            free.sort(reverse=True)
+
+    def _decode_preamble(self, toks: list[list[int]]) -> int:
+        """Decode the tokens every prompt starts with into the preamble sequence; return their count (0: none)."""
+        if len(toks) < 2:
+            return 0
+        shared = min(len(t) for t in toks) - 1  # each prefix keeps >= 0 tokens of its own; its last token is sampled
+        for k in range(shared):
+            if any(t[k] != toks[0][k] for t in toks):
+                shared = k
+                break
+        if shared:
+            self._decode_into(self.parallel + 2, toks[0][:shared], 0)
+        return shared
+
+    def _prefill(self, tokens: list[int], prefix: dict[int, int], shared: int) -> int:
+        """Decode a prompt (without logits) into a free prefix sequence, from the preamble on; return its id."""
         seq = next(s for s in (self.parallel, self.parallel + 1) if s not in prefix.values())
         self.ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        if shared:
+            self.ll.llama_memory_seq_cp(self.mem, self.parallel + 2, seq, -1, -1)
+        self._decode_into(seq, tokens[shared:], shared)
+        return seq
+
+    def _decode_into(self, seq: int, tokens: list[int], pos0: int) -> None:
+        """Decode tokens at positions pos0.. into one sequence, without logits."""
         b = self.batch
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             for k, t in enumerate(chunk):
-                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = t, start + k, 1, 0
+                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = t, pos0 + start + k, 1, 0
                 b.seq_id[k][0] = seq
             b.n_tokens = len(chunk)
             self._decode()
-        return seq
 
     def _decode(self) -> None:
         rc = self.ll.llama_decode(self.ctx, self.batch)
