@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +35,10 @@ def test_run_quickstart_tiny(tmp_path, backend):
     out = rmx("run", "recipes/quickstart.toml", f"run_dir={json.dumps(str(run_dir))}", f"backend={backend}", "--plain", *TINY, *extra)
     assert "base vs adapted" in out.stdout, out.stdout + out.stderr
     s = json.loads((run_dir / "summary.json").read_text())
-    # a 5% gate; with MLX's ~80 completion tokens, tied entropies of identical rollouts can leave only 2 above tau
-    assert s["train_sequences"] > 0 and s["gate"]["gated"] >= 2 and (0.03 if backend == "torch" else 0.02) <= s["gated_fraction"] <= 0.08
+    # the recipe's gate fraction; with MLX's ~80 completion tokens, tied entropies of identical rollouts move it most
+    frac = tomllib.loads(Path("recipes/quickstart.toml").read_text())["gate"]["fraction"]
+    low = 0.6 if backend == "torch" else 0.4
+    assert s["train_sequences"] > 0 and s["gate"]["gated"] >= 2 and low * frac <= s["gated_fraction"] <= 1.6 * frac
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     again = rmx("run", "recipes/quickstart.toml", f"run_dir={json.dumps(str(run_dir))}", f"backend={backend}", "--plain", *TINY, *extra)
     assert "rollouts: engine" not in again.stdout  # nothing left to sample on a rerun
