@@ -249,7 +249,7 @@ class LlamaCppEngine:
         """Decode the tokens every prompt starts with into the preamble sequence; return their count (0: none)."""
         if len(toks) < 2:
             return 0
-        shared = min(len(t) for t in toks) - 1  # each prefix keeps >= 0 tokens of its own; its last token is sampled
+        shared = min(len(t) for t in toks) - 1  # stop before any prompt's last token: its slots decode that one
         for k in range(shared):
             if any(t[k] != toks[0][k] for t in toks):
                 shared = k
