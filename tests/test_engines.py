@@ -382,6 +382,6 @@ def test_openai_engine_against_llama_cpp_server(smol, llama_engine, llama_server
     assert greedy == [[smol.tok.encode(llama_engine.detokenize(c), add_special_tokens=False) for c in row] for row in raw]
     for ids, row in zip(smol.ids, greedy):
         assert smol.tok.decode(ids + row[0]).startswith(smol.tok.decode(ids))
-    sampled = engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=24))
+    sampled = engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=8))
     assert len(sampled[0]) == 3 and all(0 < len(c) <= 8 for c in sampled[0]) and engine.send_n is False
-    assert sampled == engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=24))
+    assert sampled == engine.sample(smol.prompts[:1], smol.ids[:1], params(n=3, temperature=1.0, max_tokens=8))
