@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
+
+from rmx_local.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_run_quickstart_tiny(tmp_path, backend):
     assert "base vs adapted" in out.stdout, out.stdout + out.stderr
     s = json.loads((run_dir / "summary.json").read_text())
     # the recipe's gate fraction; with MLX's ~80 completion tokens, tied entropies of identical rollouts move it most
-    frac = tomllib.loads(Path("recipes/quickstart.toml").read_text())["gate"]["fraction"]
+    frac = load_recipe("recipes/quickstart.toml").gate.fraction
     low = 0.6 if backend == "torch" else 0.4
     assert s["train_sequences"] > 0 and s["gate"]["gated"] >= 2 and low * frac <= s["gated_fraction"] <= 1.6 * frac
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

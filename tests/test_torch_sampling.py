@@ -3,7 +3,8 @@
 import torch
 
 from rmx_local.backends import SampleParams
-from rmx_local.backends.torch_sampling import common_prefix, decode, next_tokens
+from rmx_local.backends import common_prefix
+from rmx_local.backends.torch_sampling import decode, next_tokens
 
 
 def prompts(tok):

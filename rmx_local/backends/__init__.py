@@ -43,6 +43,15 @@ class SampleParams:
 Progress = Callable[[int], None]  # called with the number of new tokens produced
 
 
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the longest token prefix shared by all prompts, leaving at least one token of each after it."""
+    shortest = min(map(len, prompts))
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
 def strip_eos(row: list[int], eos_ids: list[int]) -> list[int]:
     """Cut a completion at its first end-of-sequence token (the token itself dropped)."""
     for i, t in enumerate(row):

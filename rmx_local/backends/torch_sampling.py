@@ -19,16 +19,7 @@ import inspect
 
 import torch
 
-from rmx_local.backends import Progress, SampleParams
-
-
-def common_prefix(prompts: list[list[int]]) -> int:
-    """Length of the longest token prefix shared by all prompts, leaving at least one token of each after it."""
-    shortest = min(map(len, prompts))
-    n = 0
-    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
-    return n
+from rmx_local.backends import Progress, SampleParams, common_prefix
 
 
 HEAD = 64  # candidates ranked by top-k before a full sort is needed

@@ -44,7 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from rmx_local.backends import Progress, SampleParams
+from rmx_local.backends import Progress, SampleParams, common_prefix
 from rmx_local.engines import derive_seed, retokenize
 from rmx_local.errors import RmxError
 
@@ -233,27 +233,21 @@ class LlamaCppEngine:
         return made
 
     def _compact(self, live: dict[int, _Seq], free: list[int]) -> None:
-        """Move live sequences from the highest slots into the lowest free ones, so a step's ids stay consecutive."""
-        free.sort(reverse=True)  # free[-1] is the lowest
-        for slot in sorted(live, reverse=True):
-            if not free or free[-1] > slot:
-                break
-            to = free.pop()
+        """Move live sequences from the highest slots into the lowest free ones, so a step's ids are 0..len(live)-1."""
+        n = len(live)
+        holes = [s for s in range(n) if s not in live]
+        movers = sorted((s for s in live if s >= n), reverse=True)
+        for slot, to in zip(movers, holes):
             self.ll.llama_memory_seq_cp(self.mem, slot, to, -1, -1)  # applied at the next decode, before it runs
             self.ll.llama_memory_seq_rm(self.mem, slot, -1, -1)
             live[to] = live.pop(slot)
-            free.append(slot)
-            free.sort(reverse=True)
+        free[:] = [s for s in range(self.parallel) if s not in live]
 
     def _decode_preamble(self, toks: list[list[int]]) -> int:
         """Decode the tokens every prompt starts with into the preamble sequence; return their count (0: none)."""
-        if len(toks) < 2:
+        if len(toks) < 2:  # one prompt: its own prefix sequence is the whole sharing
             return 0
-        shared = min(len(t) for t in toks) - 1  # stop before any prompt's last token: its slots decode that one
-        for k in range(shared):
-            if any(t[k] != toks[0][k] for t in toks):
-                shared = k
-                break
+        shared = common_prefix(toks)  # stops before any prompt's last token: its slots decode that one
         if shared:
             self._decode_into(self.parallel + 2, toks[0][:shared], 0)
         return shared
