@@ -148,6 +148,10 @@ def arith_problems(difficulty: str, n: int, seed: int, offset: int = 0) -> list[
 
 # ---------------------------------------------------------------- JSONL files
 
+MAX_LINE_BYTES = 1_000_000  # a longer problem cannot fit any model's context; it is a broken file
+MAX_GOLD_CHARS = 200  # a final answer, not a worked solution
+
+
 def _gold_from(answer: Any) -> str:
     """GSM8K answers carry their gold after '#### ' (commas stripped); other answers are taken as they are."""
     text = str(answer).strip()
@@ -156,10 +160,25 @@ def _gold_from(answer: Any) -> str:
     return text
 
 
+def _gold_problem(answer: Any) -> str | None:
+    """Why `answer` cannot serve as a gold final answer, or None when it can."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        return f"needs 'answer' as text or a number, got {type(answer).__name__}"
+    gold = _gold_from(answer)
+    if not gold:
+        return "needs a non-empty 'answer' (after its '####', if any)"
+    if "\n" in gold or len(gold) > MAX_GOLD_CHARS:
+        return f"needs a final answer in 'answer', got {len(gold)} characters of text (GSM8K answers end in '#### N')"
+    return None
+
+
 def load_jsonl(path: str | Path) -> list[Problem]:
     """Problems from a JSONL file: GSM8K (`question`, `answer` with '#### gold') or `problem`/`question` + `answer`.
 
     Ids are f"{file stem}-{line number}" (1-based, blank lines count), so they are stable while the file is.
+    Refused, naming the line: lines over MAX_LINE_BYTES, golds that are not a short final answer, and a
+    question (or an `id` field) that repeats an earlier line's, since a repeat can land in both the training and
+    the held-out split.
     """
     p = Path(path)
     fix_format = 'write one JSON object per line, e.g. {"question": "What is 2 + 3?", "answer": "5"}'
@@ -169,20 +188,31 @@ def load_jsonl(path: str | Path) -> list[Problem]:
         raise RmxError(f"{path}: problems file not found", fix="check the path (relative to the current folder)")
     except (OSError, UnicodeDecodeError) as e:
         raise RmxError(f"{path}: cannot read problems file ({type(e).__name__})", fix="point to a UTF-8 .jsonl file")
-    problems = []
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
+        if len(line.encode()) > MAX_LINE_BYTES:
+            raise RmxError(f"{where}: line is {len(line.encode()) / 1e6:.1f} MB long (limit {MAX_LINE_BYTES / 1e6:.0f} MB)",
+                           fix="one problem per line; split or drop that line")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise RmxError(f"{where}: not valid JSON ({e.msg})", fix=fix_format) from None
         question = obj.get("question", obj.get("problem")) if isinstance(obj, dict) else None
-        answer = obj.get("answer") if isinstance(obj, dict) else None
-        if not isinstance(question, str) or not question.strip() or answer is None or not _gold_from(answer):
+        if not isinstance(question, str) or not question.strip() or "answer" not in obj:
             raise RmxError(f"{where}: needs a non-empty 'question' (or 'problem') and 'answer'", fix=fix_format)
-        problems.append(Problem(id=f"{p.stem}-{lineno}", question=question.strip(), answer=_gold_from(answer)))
+        bad_gold = _gold_problem(obj["answer"])
+        if bad_gold:
+            raise RmxError(f"{where}: {bad_gold}", fix='give each row its final answer, e.g. "answer": "42"')
+        for key in (f"question {question.strip()}", f"id {obj['id']}" if "id" in obj else ""):
+            if key and key in seen:
+                raise RmxError(f"{where}: repeats the {key.split()[0]} of line {seen[key]}",
+                               fix="remove duplicate rows (a repeat can land in both the training and the held-out split)")
+            seen[key] = lineno
+        problems.append(Problem(id=f"{p.stem}-{lineno}", question=question.strip(), answer=_gold_from(obj["answer"])))
     if not problems:
         raise RmxError(f"{path}: no problems in file (it is empty)", fix=fix_format)
     return problems
@@ -202,7 +232,7 @@ def build_prompt(tokenizer: Any, question: str, template: str, instruction: str 
     if template == "raw":
         return RAW_TEMPLATE.replace(INSTRUCTION, instruction).replace("{question}", question)
     if not has_chat:
-        raise RmxError("prompt template 'chat': this tokenizer has no chat template",
-                       fix='use template = "raw" (or "auto") for base models')
+        raise RmxError('task.template = "chat": this tokenizer has no chat template',
+                       fix='use task.template = "raw" (or "auto") for base models')
     messages = [{"role": "user", "content": question + "\n" + instruction}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
