@@ -99,6 +99,7 @@ def _run(recipe: Recipe, ui: UI) -> dict:
                 "model": recipe.model, "backend": getattr(ctx._backend, "name", recipe.backend),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     # the run's own results are replaced together, at the end: a failed or killed rerun leaves the last ones
+    ui.line(f"save: adapter (step {report['best_step']}), recipe.toml, gate.json, manifest.json, summary.json")
     save_peft(adapter, run_dir / "adapter")
     atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
     atomic_write_json(run_dir / "gate.json", gate_report)
