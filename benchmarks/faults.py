@@ -5,10 +5,11 @@
 In a temp folder: a tiny random llama over the digit tokenizer (tests/conftest.py), 8 JSONL problems, and a
 recipe (8 training problems x 4 rollouts, 2 held out, ~15 training steps, a checkpoint every 2). First one
 uninterrupted `rmx-local run` (the reference; the time each stage starts is noted from its log). Then each
-trial runs the same command in a fresh run folder and SIGKILLs it `--kills` times: `--kills` stages are drawn
-(with repeats) and visited in pipeline order (a stage the folder already finished gives way to the next
+trial runs the same command in a fresh run folder and SIGKILLs it up to `--kills` times: that many distinct
+stages are drawn and visited in pipeline order (a stage the folder already finished gives way to the next
 unfinished one); each run is killed a uniform random time (up to the reference's length of that stage) after
-the stage starts, and the folder is inspected; then the command is rerun to the end.
+the stage starts, and the folder is inspected; then the command is rerun to the end. "start" is the lock,
+the model and problems.json (after the imports, which write nothing).
 The finished folder must equal the reference: the final adapter's tensors (exactly), the summary's metrics
 (selection, gate, training report, evaluation), and the journals and stage files (rollouts.jsonl,
 entropies.jsonl, the training log, problems.json, selected.json) byte for byte.
@@ -63,8 +64,8 @@ checkpoint_every = 2
 max_tokens = 4
 n_samples = 0
 """
-# (stage, the log line that starts it); "start" is the process start (imports, lock, model, problems)
-STAGES = [("start", None), ("rollouts", "rollouts: start"), ("entropy", "entropy: start"),
+# (stage, the log line that starts it); "start": lock, model, problems.json (after the imports)
+STAGES = [("start", "model: resolving"), ("rollouts", "rollouts: start"), ("entropy", "entropy: start"),
           ("eval base", "eval base greedy: start"), ("train", "train: start"),
           ("eval adapted", "eval adapted greedy: start"), ("save", "save: ")]
 JOURNALS = ["problems.json", "rollouts.jsonl", "selected.json", "entropies.jsonl"]
@@ -85,12 +86,10 @@ class Child:
         for line in self.proc.stdout:
             self.lines.append((time.monotonic() - self.t0, line.rstrip()))
 
-    def seen(self, marker: str | None) -> float | None:
-        if marker is None:
-            return 0.0
+    def seen(self, marker: str) -> float | None:
         return next((t for t, text in list(self.lines) if marker in text), None)
 
-    def wait_for(self, marker: str | None) -> float | None:
+    def wait_for(self, marker: str) -> float | None:
         """Seconds after start when `marker` was logged, or None if the run ended first."""
         while (t := self.seen(marker)) is None:
             if self.proc.poll() is not None:
@@ -105,7 +104,7 @@ class Child:
         return code
 
     def stage_at(self, t: float) -> str:
-        return [name for name, marker in STAGES if (s := self.seen(marker)) is not None and s <= t][-1]
+        return ([name for name, marker in STAGES if (s := self.seen(marker)) is not None and s <= t] or ["imports"])[-1]
 
 
 def count_lines(path: Path) -> list[dict]:
@@ -148,7 +147,7 @@ def unfinished(state: dict) -> list[str]:
     done = {"rollouts": state["rollouts"] == TRAIN, "entropy": state["sequences"] > 0 and state["entropies"] == state["sequences"],
             "eval base": state["evals"] >= 1, "train": state["final"], "eval adapted": state["evals"] >= 2,
             "save": state["summary"]}
-    return ["start"] + [name for name, _ in STAGES[1:] if not done[name]]
+    return [] if state["summary"] else ["start"] + [name for name, _ in STAGES[1:] if not done[name]]
 
 
 def compare(run: Path, ref: Path) -> list[str]:
@@ -213,9 +212,11 @@ def run_trials(trials: int, kills: int, seed: int, work: Path, log=print) -> lis
     names = [name for name, _ in STAGES]
     for trial in range(trials):
         run, mine = work / f"trial-{trial}", []
-        for drawn in sorted(rng.choices(names, k=kills), key=names.index):  # a trial walks forward through the stages
+        for drawn in sorted(rng.sample(names, kills), key=names.index):  # a trial walks forward through the stages
             left = unfinished(folder_state(run))
-            target = next((s for s in names[names.index(drawn):] if s in left), "start")
+            target = next((s for s in names[names.index(drawn):] if s in left), None)
+            if target is None:
+                break  # the run already finished
             delay = rng.uniform(0.0, length[target])
             child = Child(recipe, run, env)
             started = child.wait_for(dict(STAGES)[target])
@@ -226,11 +227,11 @@ def run_trials(trials: int, kills: int, seed: int, work: Path, log=print) -> lis
                 child.finish()
                 at = time.monotonic() - child.t0
                 stage = child.stage_at(at)
-                mine.append(Kill(trial, target, stage, at - child.seen(dict(STAGES)[stage]), folder_state(run)))
-                log(f"trial {trial}: killed in {stage} (+{mine[-1].into_s:.2f} s)")
+                into = at - (child.seen(dict(STAGES)[stage]) if stage in names else 0.0)
+                mine.append(Kill(trial, target, stage, into, folder_state(run)))
+                log(f"trial {trial}: killed in {stage} (+{into:.2f} s)")
             else:
-                child.finish()
-                log(f"trial {trial}: finished before the kill in {target}")
+                log(f"trial {trial}: the run ended (exit code {child.finish()}) before the kill in {target}")
         reruns = 0
         while True:
             reruns += 1
@@ -249,8 +250,8 @@ def run_trials(trials: int, kills: int, seed: int, work: Path, log=print) -> lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=6)
-    ap.add_argument("--kills", type=int, default=4, help="kills per trial")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--kills", type=int, default=4, help="kills per trial, in distinct stages (at most 7)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     t0 = time.time()

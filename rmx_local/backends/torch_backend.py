@@ -214,6 +214,8 @@ class TorchBackend:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise RmxError(f"{path}: not a plain optimizer state ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+            what = "holds pickled objects beyond tensors, refused" if isinstance(e, pickle.UnpicklingError) else \
+                f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            raise RmxError(f"{path}: not a plain optimizer state ({what})",
                            fix="delete that checkpoint folder to redo its steps") from None
         self.optimizer.load_state_dict(state)
