@@ -168,3 +168,26 @@ def test_make_targets_and_script_paths_exist():
             missing += [f"{page}:{n}: make {t}" for t in w[1:] if not re.search(rf"^{re.escape(t)}:", makefile, re.M)]
         missing += [f"{page}:{n}: {p}" for p in w if re.match(r"(benchmarks|scripts)/", p) and not (ROOT / p).exists()]
     assert missing == []
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_and_anchors_exist(page):
+    prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s) and mailto links are not checked (no network in tests)
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", linked.read_text(), flags=re.S), re.M)
+            if anchor not in {slug(h) for h in headings}:
+                broken.append(target)
+    assert broken == [], f"{page.name}: broken links"
