@@ -79,6 +79,11 @@ def all_lines() -> list[tuple[str, int, str]]:
     return [entry for page in PAGES for entry in bash_lines(page)]
 
 
+def prose(text: str) -> str:
+    """The text without its fenced code blocks (fences at the start of a line)."""
+    return re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M)
+
+
 def words(command: str) -> list[str]:
     return shlex.split(command, comments=True)
 
@@ -117,8 +122,7 @@ def test_recipe_reference_keys_are_the_recipe_keys():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_recipe_keys_named_in_docs_exist(page):
-    prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
-    spans = re.findall(r"`([^`\n]+)`", prose) + [c for _, _, c in bash_lines(page)]
+    spans = re.findall(r"`([^`\n]+)`", prose(page.read_text())) + [c for _, _, c in bash_lines(page)]
     named = {w.split("=")[0] for span in spans for w in span.split()}
     dotted = {k for k in named if re.fullmatch(r"[a-z]+\.[a-z_]+", k) and k.split(".")[0] in SECTIONS
               and k.split(".")[1] not in FILE_SUFFIXES}
@@ -177,9 +181,8 @@ def slug(heading: str) -> str:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_relative_links_and_anchors_exist(page):
-    prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     broken = []
-    for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(page.read_text())):
         if re.match(r"[a-z]+:", target):
             continue  # http(s) and mailto links are not checked (no network in tests)
         path, _, anchor = target.partition("#")
@@ -187,7 +190,7 @@ def test_relative_links_and_anchors_exist(page):
         if not linked.exists():
             broken.append(target)
         elif anchor and linked.suffix == ".md":
-            headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", linked.read_text(), flags=re.S), re.M)
+            headings = re.findall(r"^#+ (.+)$", prose(linked.read_text()), re.M)
             if anchor not in {slug(h) for h in headings}:
                 broken.append(target)
     assert broken == [], f"{page.name}: broken links"
