@@ -4,8 +4,9 @@
     python scripts/gen_recipe_docs.py --check   # exit 1 (and say so) when docs/recipes.md is stale
 
 Names, types and sections come from the live `Recipe` dataclasses, defaults from `recipe_to_toml(Recipe())` (the
-TOML a run writes), allowed values from `recipe.CHOICES` (where the comment does not list them), a section's intro from its class docstring, and a
-field's description from the comment written beside it in recipe.py (or the comment lines right above it).
+TOML a run writes), a section's intro from its class docstring, a field's description from the comment written
+beside it in recipe.py (or the comment lines right above it), and the allowed values from `recipe.CHOICES` where
+that comment does not already list them.
 Shortcut: comments are matched to fields by line number with `tokenize`; a field without one gets an empty
 description, and a comment is shown as written (no markup is added beyond escaping `|` for the table).
 """
@@ -83,11 +84,20 @@ def default_values() -> dict[str, str]:
 def sections() -> list[tuple[str, type]]:
     """("", Recipe) for the top level, then (name, dataclass) for every [section], in the recipe's order."""
     hints = get_type_hints(Recipe)
-    return [("", Recipe)] + [(f.name, hints[f.name]) for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(hints[f.name])]
+    tables = [(f.name, hints[f.name]) for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(hints[f.name])]
+    return [("", Recipe), *tables]
 
 
 def type_name(typ) -> str:
-    return getattr(typ, "__name__", None) if not getattr(typ, "__args__", None) else str(typ).replace("typing.", "")
+    """`int`, `str`, ... and `list[str]` as written in recipe.py."""
+    return str(typ) if getattr(typ, "__args__", None) else typ.__name__
+
+
+def describe(key: str, comment: str) -> str:
+    """The table cell: the field's comment, led by its allowed values when the comment does not name them all."""
+    if key in CHOICES and not all(re.search(rf"\b{c}\b", comment) for c in CHOICES[key]):
+        comment = f"one of {' | '.join(sorted(CHOICES[key]))}" + (f"; {comment}" if comment else "")
+    return comment.replace("|", "\\|")
 
 
 def render() -> str:
@@ -105,10 +115,8 @@ def render() -> str:
             if dataclasses.is_dataclass(hints[f.name]):
                 continue
             key = f"{name}.{f.name}" if name else f.name
-            text = comments.get((cls.__name__, f.name), "")
-            if key in CHOICES and not all(re.search(rf"\b{c}\b", text) for c in CHOICES[key]):
-                text = f"one of {' | '.join(sorted(CHOICES[key]))}" + (f"; {text}" if text else "")
-            parts.append(f"| `{key}` | {type_name(hints[f.name])} | `{defaults[key]}` | {text.replace('|', chr(92) + '|')} |")
+            text = describe(key, comments.get((cls.__name__, f.name), ""))
+            parts.append(f"| `{key}` | {type_name(hints[f.name])} | `{defaults[key]}` | {text} |")
     return "\n".join(parts) + "\n"
 
 

@@ -30,7 +30,8 @@ from rmx_local.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FILE_SUFFIXES = {"jsonl", "json", "toml", "py", "md", "gguf", "txt", "safetensors"}
+FILE_SUFFIXES = {"jsonl", "json", "toml", "py", "md", "gguf", "txt", "safetensors", "html", "csv", "png", "svg", "log",
+                 "yaml", "sh"}  # `train.jsonl` is a file name, not the recipe key train.jsonl
 
 
 def _generator():
