@@ -23,8 +23,6 @@ PAPER_GATE_FRACTION = 0.05
 
 @dataclass
 class TaskConfig:
-    """Which problems a run trains and evaluates on, and how a prompt is built from one."""
-
     name: str = "arith"  # arith | jsonl
     difficulty: str = "single"  # arith only: single | word | two_step
     path: str = ""  # jsonl only: GSM8K-format ({question, answer "#### N"}) or {problem, answer}
@@ -69,8 +67,9 @@ class GateConfig:
     """Stage 3: teacher-forced base entropies and the decision-point gate D = {t : H_t > tau}."""
 
     mode: str = "fraction"  # fraction (tau chosen so `fraction` of completion tokens pass) | tau
-    tau: float = PAPER_TAU  # mode tau: decision points are tokens with base entropy H_t > tau (nats)
-    fraction: float = PAPER_GATE_FRACTION  # mode fraction: share of completion tokens gated (the paper's ~5%)
+    # mode tau: decision points are the completion tokens whose base entropy H_t exceeds tau (nats)
+    tau: float = PAPER_TAU
+    fraction: float = PAPER_GATE_FRACTION
     batch_size: int = 8  # sequences per teacher-forced scoring pass
 
 
