@@ -7,7 +7,7 @@ fixed batches of `gate.batch_size` consecutive sequences: a batch a killed run c
 uninterrupted run.
 The gate D = {t : H_t > tau}; with `gate.mode = "fraction"` tau is the (1 - fraction) quantile of all
 completion-token entropies of the training set, and the implied tau is reported. Small models are far less
-certain than the paper's (SmolLM2-135M: the paper's tau = 1.4 gates ~60% of tokens), hence the default.
+certain than the paper's (SmolLM2-135M: the paper's tau = 1.4 gates ~50% of tokens), hence the default.
 `train.random_gate` replaces D by a uniformly random set of the same size (a control).
 """
 
