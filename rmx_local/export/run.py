@@ -7,6 +7,8 @@ atomically and carries a README.md model card.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import tomllib
 from pathlib import Path
@@ -110,7 +112,9 @@ def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f1
     if outtype not in OUTTYPES:
         raise RmxError(f"export: unknown --outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
     adapter = load_run_adapter(run_dir)
-    with run_lock(run_dir):  # a run still writing this folder's adapter must finish first
+    # a run still writing this folder's adapter must finish first; a read-only finished run exports with --out
+    read_only = out_dir is not None and not os.access(run_dir, os.W_OK)
+    with contextlib.nullcontext() if read_only else run_lock(run_dir):
         return _export(run_dir, adapter, chosen, outtype, out_dir)
 
 
