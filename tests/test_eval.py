@@ -244,3 +244,48 @@ def test_run_pipeline_uses_the_loader_for_task_path(models: Path, tmp_path: Path
     splits = split_problems(RunContext(recipe, tmp_path / "run", UI(rich=False)))
     assert [len(splits[k]) for k in ("train", "val", "eval")] == [6, 0, 3]
     assert {p.id for p in splits["train"] + splits["eval"]} <= {f"p-{i}" for i in range(10)}
+
+
+# ---------------------------------------------------------------- the embedded model in both runtimes (slow)
+
+@pytest.mark.slow
+def test_embedded_adapter_in_torch_and_llama_cpp(tmp_path: Path) -> None:
+    """SmolLM2-135M with a LoRA that visibly changes it, scored in torch and in llama.cpp (GGUF base + adapter)."""
+    pytest.importorskip("llama_cpp")
+    from rmx_local.engines.llama_cpp_engine import LlamaCppEngine
+    from rmx_local.export.check import base_setup, llama_cpp_model
+
+    setup = base_setup()
+    adapter = random_adapter(setup["model_config"], setup["architecture"], base_model=setup["spec"], rank=8,
+                             b_std=0.02, targets=("q_proj", "v_proj", "o_proj"))
+    run = tmp_path / "run"
+    save_peft(adapter, run / "adapter")
+    (run / "recipe.toml").write_text('model = "embedded:smollm2-135m-instruct"\n[task]\n'
+                                     'instruction = "Think briefly, then end with: The answer is N."\n[eval]\nmax_tokens = 24\n')
+    specs = ["base", str(run), setup["gguf_path"]]  # the last: the base's own .gguf as a model spec
+    opts = EvalOptions(data=["arith:single"], limit=16, runtimes=["torch", "llama_cpp"], threads=2, batch_size=16, kl=True)
+    summary = run_eval(specs, opts, UI(rich=False))
+    assert (run / "export" / "gguf" / "adapter.gguf").is_file()  # exported for llama.cpp on first use
+    entry = summary["data"][0]
+    torch_r, llama_r = entry["results"]["torch"], entry["results"]["llama_cpp"]
+    assert torch_r[setup["gguf_path"]]["vs_first"] == {"diff": 0.0, "se": 0.0, "z": None}  # the same weights as `base`
+    assert torch_r[str(run)]["kl"] > 1e-3 and all(r["mean_tokens"] > 2 for r in llama_r.values())
+    assert entry["agreement"]["base"]["same_answer"] >= 0.5  # Q4_1 in llama.cpp vs its fp32 dequantization in torch
+
+    # the engine's LoRA is llama-cpp-python's own: the same greedy tokens as Llama(lora_path=...)
+    gguf_adapter = run / "export" / "gguf" / "adapter.gguf"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["hf_path"])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 + 6?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    engine = LlamaCppEngine(setup["gguf_path"], tokenizer, threads=2, parallel=1, lora_path=str(gguf_adapter))
+    ours = engine.sample_tokens([prompt], SampleParams(1, 0.0, 1.0, 16, 0))[0][0]
+    engine.close()
+    llm = llama_cpp_model(setup["gguf_path"], gguf_adapter)
+    theirs = []
+    for t in llm.generate(llm.tokenize(prompt.encode(), add_bos=False, special=True), temp=0.0):
+        if llm.token_eos() == t or len(theirs) == 16:
+            break
+        theirs.append(t)
+    assert ours == theirs[: len(ours)] and len(ours) > 2
