@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import time
 from collections import Counter
@@ -343,9 +344,9 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
                 stats[spec, runtime, t.label] = {**metrics(recs), "seconds": wall, "cpu_seconds": cpu,
                                                  "problems_per_s": len(problems) / max(wall, 1e-9)}
                 if opts.kl and runtime == "torch" and t.adapter is not None:
-                    base = next((records.get((spec, "torch", b.label)) for b in targets if b.adapter is None
-                                 and b.base_spec == t.base_spec and prompts[b.label] == prompts[t.label]
-                                 and not sampled and (spec, "torch", b.label) in records), None)
+                    same_base = [b.label for b in targets if b.adapter is None and b.base_spec == t.base_spec
+                                 and prompts[b.label] == prompts[t.label] and (spec, "torch", b.label) in records]
+                    base = records[spec, "torch", same_base[0]] if same_base and not sampled else None
                     stats[spec, runtime, t.label]["kl"] = _kl(model, t, base, problems, prompts[t.label], max_tokens, opts.seed, ui)
             if runtime == "llama_cpp":
                 model.close()
@@ -357,7 +358,7 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
         "runtimes": runtimes,
         "decoding": {"n_samples": params.n, "temperature": params.temperature, "top_p": params.top_p,
                      "max_tokens": max_tokens, "seed": opts.seed, "limit": opts.limit},
-        "machine": f"{platform.machine()} {platform.system()}, {_cores()} cores",
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": [],
     }
@@ -379,12 +380,6 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
         _write_out(out_dir, summary, data, runtimes, targets, records)
         ui.line(f"wrote {out_dir / 'problems.jsonl'} and {out_dir / 'summary.json'}")
     return summary
-
-
-def _cores() -> int:
-    from rmx_local.engines.llama_cpp_engine import cpu_count
-
-    return cpu_count()
 
 
 def _write_out(out_dir: Path, summary: dict, data, runtimes, targets, records) -> None:
