@@ -145,3 +145,25 @@ def test_hub_id_without_cache_or_network_is_one_error(tmp_path: Path, monkeypatc
     with pytest.raises(RmxError, match="cannot load it from the hub or the local datasets cache") as e:
         load_problems("nobody/no-such-set:main:test")
     assert "network" in e.value.fix
+
+
+def test_hub_id_resolves_from_the_local_cache_when_offline(tmp_path: Path, monkeypatch) -> None:
+    """A hub dataset cached as `load_dataset` leaves it ({org}___{name}/{config}/{version}/{commit}/), read offline."""
+    import shutil
+
+    import huggingface_hub.constants
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+    cache = tmp_path / "cache"
+    Parquet(cache_dir=str(cache), dataset_name="cached-set", config_name="main",
+            data_files=DataFilesDict.from_patterns({"test": [str(tmp_path / "t.parquet")]})).download_and_prepare()
+    (cache / "nobody___cached-set" / "main" / "0.0.0").mkdir(parents=True)
+    shutil.move(str(next((cache / "cached-set").glob("main-*/0.0.0"))), str(cache / "nobody___cached-set" / "main" / "0.0.0" / "abc123"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    problems = load_problems("nobody/cached-set:main:test")
+    assert [(p.id, p.answer) for p in problems] == [("cached-set-main-test-0", "2"), ("cached-set-main-test-1", "4")]
