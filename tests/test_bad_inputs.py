@@ -180,8 +180,9 @@ def bad_data(content: bytes | Callable[[], bytes]):
     return setup
 
 
-def lines(*rows) -> bytes:
-    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+def lines(*bad) -> bytes:
+    """The good problems, then the bad rows."""
+    return "".join(json.dumps(r) + "\n" for r in [*QUESTIONS, *bad]).encode()
 
 
 def bad_model(make: Callable[[Path], Path], *extra: str, names: str = "", absent: str = ""):
@@ -393,18 +394,17 @@ CASES = [
     ("override: unknown key", SUB, override("train.lrate=1e-3", names="train.lrate"), "did you mean `train.lr`"),
     ("override: bad value", SUB, override("train.lr=fast", names="train.lr"), "must be float, got 'fast'"),
     # data (task.name = "jsonl")
-    ("data: empty file", INPROC, bad_data(b""), "no problems"),
-    ("data: rows without answers", INPROC, bad_data(lines({"question": "What is 1 + 1?"})), "bad.jsonl:1: needs"),
+    ("data: empty file", INPROC, bad_data(b""), "no rows (the file is empty)"),
+    ("data: rows without answers", INPROC, bad_data(lines({"question": "What is 1 + 1?"})),
+     "no usable gold answer (first: row 8"),
     ("data: gold answer that does not parse", INPROC,
-     bad_data(lines({"question": "q?", "answer": "First add them.\nThen there are 12 in all."})), "needs a final answer"),
-    ("data: gold answer of the wrong type", INPROC, bad_data(lines({"question": "q?", "answer": [1, 2]})), "got list"),
+     bad_data(lines({"question": "q?", "answer": "First add them.\nThen there are 12 in all."})), "no usable gold answer"),
+    ("data: gold answer of the wrong type", INPROC, bad_data(lines({"question": "q?", "answer": {"value": 3}})),
+     "no usable gold answer"),
     ("data: binary file", INPROC, bad_data(bytes(range(256)) * 64), "cannot read"),
     ("data: a 10 MB line", INPROC,
-     bad_data(lambda: lines({"question": "x" * 10_000_000, "answer": "1"})), "line is 10.0 MB long"),
-    ("data: duplicate ids", INPROC, bad_data(lines({"id": "p1", "question": "a?", "answer": "1"},
-                                                   {"id": "p1", "question": "b?", "answer": "2"})), "repeats the id of line 1"),
-    ("data: duplicate questions", INPROC, bad_data(lines({"question": "a?", "answer": "1"}, {"question": "a?", "answer": "1"})),
-     "repeats the question of line 1"),
+     bad_data(lambda: lines({"question": "x" * 10_000_000, "answer": "1"})), "row 8: the question is 10.0 MB long"),
+    ("data: duplicate questions", INPROC, bad_data(lines(QUESTIONS[3])), "the same question"),
     # model
     ("model: missing path", INPROC, bad_model(lambda tmp: tmp / "no-such-model"), "does not exist"),
     ("model: not a GGUF file named .gguf", INPROC, bad_model(not_gguf), "is not a GGUF file"),
@@ -464,12 +464,19 @@ def test_bad_input_gives_one_line_and_keeps_the_run_folder(case, world, tmp_path
             undo()
 
 
-@pytest.mark.parametrize("variant", ["BOM", "CRLF"])
+ODD_BUT_VALID = {
+    "BOM": lambda raw: b"\xef\xbb\xbf" + raw,
+    "CRLF": lambda raw: raw.replace(b"\n", b"\r\n"),
+    "duplicate ids (ids from row numbers instead)": lambda raw: b"".join(
+        json.dumps({"id": "p1", **json.loads(line)}).encode() + b"\n" for line in raw.splitlines()),
+}
+
+
+@pytest.mark.parametrize("variant", ODD_BUT_VALID)
 def test_odd_but_valid_data_loads_like_the_plain_file(variant, world, tmp_path):
-    raw = world.data.read_bytes()
     data = tmp_path / "data" / "problems.jsonl"
     data.parent.mkdir()
-    data.write_bytes(b"\xef\xbb\xbf" + raw if variant == "BOM" else raw.replace(b"\n", b"\r\n"))
+    data.write_bytes(ODD_BUT_VALID[variant](world.data.read_bytes()))
     code, out, err = invoke(world.run_args(tmp_path, data=data), INPROC)
     assert code == 0, err[-2000:]
     plain = json.loads((world.template / "problems.json").read_text())
