@@ -38,32 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-TRAIN, EVAL, N, GROUP, BATCH = 8, 2, 4, 2, 4  # problems, held out, rollouts each, problems per rollout group, entropy batch
-RECIPE = f"""model = "{{model}}"
-threads = 1
-[task]
-name = "jsonl"
-path = "{{data}}"
-train_size = {TRAIN}
-eval_size = {EVAL}
-[rollout]
-n = {N}
-max_tokens = 8
-batch_size = {N * GROUP}
-[gate]
-fraction = 0.25
-batch_size = {BATCH}
-[train]
-grad_accum = 2
-warmup_steps = 1
-lora_rank = 4
-lora_alpha = 8.0
-targets = ["q_proj", "v_proj"]
-checkpoint_every = 2
-[eval]
-max_tokens = 4
-n_samples = 0
-"""
+TRAIN, EVAL, GROUP, BATCH = 8, 2, 2, 4  # problems, held out, problems per rollout group, entropy batch (4 rollouts each)
 # (stage, the log line that starts it); "start": lock, model, problems.json (after the imports)
 STAGES = [("start", "model: resolving"), ("rollouts", "rollouts: start"), ("entropy", "entropy: start"),
           ("eval base", "eval base greedy: start"), ("train", "train: start"),
@@ -190,14 +165,15 @@ def describe(state: dict) -> tuple[str, str]:
 
 
 def run_trials(trials: int, kills: int, seed: int, work: Path, log=print) -> list[Kill]:
-    from conftest import save_digit_model
+    from conftest import save_digit_model, tiny_recipe
 
     save_digit_model(work / "model")
     data = work / "problems.jsonl"
     data.write_text("".join(json.dumps({"question": f"Question number {i}?", "answer": str(1 + i % 2)}) + "\n"
                             for i in range(TRAIN + EVAL + 2)))
     recipe = work / "tiny.toml"
-    recipe.write_text(RECIPE.format(model=work / "model", data=data))
+    recipe.write_text(tiny_recipe(work / "model", data, train_size=TRAIN, eval_size=EVAL, group=GROUP, max_tokens=8,
+                                  gate_batch=BATCH, threads=1))
     env = dict(os.environ, PYTHONPATH=str(ROOT), RMX_LOCAL_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1")
 
     reference = Child(recipe, work / "reference", env)

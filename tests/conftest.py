@@ -72,3 +72,33 @@ def save_digit_model(folder, **overrides):
     tiny_llama(len(tok), **{**cfg, **overrides}).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def tiny_recipe(model, data, *, train_size=6, eval_size=2, group=4, max_tokens=4, gate_batch=8, threads=0) -> str:
+    """A recipe for `save_digit_model` and a JSONL task: `group` problems x 4 rollouts per sampling call, a 25% gate,
+    a rank-4 LoRA on q/v with a checkpoint every 2 steps, greedy evaluation only. Runs take seconds."""
+    return f"""model = "{model}"
+threads = {threads}
+[task]
+name = "jsonl"
+path = "{data}"
+train_size = {train_size}
+eval_size = {eval_size}
+[rollout]
+n = 4
+max_tokens = {max_tokens}
+batch_size = {4 * group}
+[gate]
+fraction = 0.25
+batch_size = {gate_batch}
+[train]
+grad_accum = 2
+warmup_steps = 1
+lora_rank = 4
+lora_alpha = 8.0
+targets = ["q_proj", "v_proj"]
+checkpoint_every = 2
+[eval]
+max_tokens = 4
+n_samples = 0
+"""

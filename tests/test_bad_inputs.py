@@ -30,36 +30,12 @@ from typing import Callable
 import pytest
 from click.testing import CliRunner
 
-from conftest import save_digit_model
+from conftest import save_digit_model, tiny_recipe
 from rmx_local.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SUB, INPROC = "sub", "inproc"
 QUESTIONS = [{"question": f"Question number {i}?", "answer": str(1 + i % 2)} for i in range(8)]
-TINY = """model = "{model}"
-run_dir = "{run}"
-[task]
-name = "jsonl"
-path = "{data}"
-train_size = 6
-eval_size = 2
-[rollout]
-n = 4
-max_tokens = 4
-batch_size = 16
-[gate]
-fraction = 0.25
-[train]
-grad_accum = 2
-warmup_steps = 1
-lora_rank = 4
-lora_alpha = 8.0
-targets = ["q_proj", "v_proj"]
-checkpoint_every = 2
-[eval]
-max_tokens = 4
-n_samples = 0
-"""
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -81,7 +57,7 @@ class World:
 
     def recipe(self, folder: Path, run: Path, data: Path | None = None, model: Path | None = None) -> Path:
         path = folder / "tiny.toml"
-        path.write_text(TINY.format(model=model or self.model, run=run, data=data or self.data))
+        path.write_text(f'run_dir = "{run}"\n' + tiny_recipe(model or self.model, data or self.data))
         return path
 
     def finished(self, tmp: Path) -> Path:
