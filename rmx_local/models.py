@@ -61,9 +61,6 @@ def resolve_model(spec: str) -> ModelSource:
         if not path.is_file():
             raise RmxError(f"model: GGUF file not found: {path}", fix="check the path in the recipe's `model`")
         return ModelSource(spec, str(dequantized_folder(path)), str(path))
-    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
-        raise RmxError(f"model: {path} does not exist", fix="check the path in the recipe's `model` (a transformers "
-                       "folder or a .gguf file)")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RmxError(f"model: {path} has no config.json", fix="point `model` at a transformers model folder")

@@ -382,7 +382,7 @@ CASES = [
      bad_data(lambda: lines({"question": "x" * 10_000_000, "answer": "1"})), "row 8: the question is 10.0 MB long"),
     ("data: duplicate questions", INPROC, bad_data(lines(QUESTIONS[3])), "the same question"),
     # model
-    ("model: missing path", INPROC, bad_model(lambda tmp: tmp / "no-such-model"), "does not exist"),
+    ("model: missing path", INPROC, bad_model(lambda tmp: tmp / "no-such-model"), "is not an embedded model, a folder"),
     ("model: not a GGUF file named .gguf", INPROC, bad_model(not_gguf), "is not a GGUF file"),
     ("model: truncated GGUF", INPROC, bad_model(truncated_gguf), "cannot read"),
     ("model: chat template missing", INPROC, bad_model(no_chat_template, "task.template=chat", names="task.template"),
