@@ -2,7 +2,9 @@
 (torch_sampling) and prompt-sharing packed forwards for entropies and training (torch_packing).
 
 CPU runs in fp32; CUDA in bf16 (LoRA weights stay fp32, PEFT's default). Base logits for the KL anchor and
-for entropy scoring come from the same model with the LoRA layers switched off.
+for entropy scoring come from the same model with the LoRA layers switched off. Full-vocabulary work (entropy,
+KL, CE) runs a chunk of positions at a time from the decoder's hidden states (torch_vocab), so its memory is
+bounded by `logits_budget` bytes (default `torch_vocab.LOGITS_BUDGET_BYTES`) instead of batch x length x vocab.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from rmx_local.backends import Progress, SampleParams, TrainExample, group_compl
 from rmx_local.errors import RmxError
 from rmx_local.backends.torch_packing import pack, packed_logits
 from rmx_local.backends.torch_sampling import decode
+from rmx_local.backends.torch_vocab import (LOGITS_BUDGET_BYTES, chunk_rows, chunked_entropy, flat_positions, lse_and_kl,
+                                            packed_hidden, split_head, target_logits)
 from rmx_local.loss import combine_terms, position_terms, prediction_gate, token_entropy
 
 
@@ -57,6 +61,8 @@ class TorchBackend:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        self.split = split_head(self.model)  # (decoder, head) for chunked full-vocabulary passes; None = full logits
+        self.logits_budget = LOGITS_BUDGET_BYTES
 
     @classmethod
     def load(cls, source, recipe, note=lambda s: None) -> "TorchBackend":
@@ -86,14 +92,22 @@ class TorchBackend:
         return group_completions(out, len(prompts), params)
 
     # ---- entropy scoring ------------------------------------------------------------------------
+    def _rows(self) -> int:
+        return chunk_rows(self.model.config.vocab_size, self.logits_budget)
+
     @torch.inference_mode()
     def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
         """One packed forward per call: rollouts that share a prompt share its forward (see torch_packing)."""
         packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
         with self._adapter_off():
-            entropy = token_entropy(packed_logits(self.model, packed))  # (R, L)
-        return [entropy[packed.row[i], packed.index[i][p - 1 :]].cpu().numpy().astype(np.float32)
-                for i, (_, p) in enumerate(sequences)]
+            if self.split is None:
+                entropy = token_entropy(packed_logits(self.model, packed))  # (R, L)
+                return [entropy[packed.row[i], packed.index[i][p - 1 :]].cpu().numpy().astype(np.float32)
+                        for i, (_, p) in enumerate(sequences)]
+            decoder, head = self.split
+            unique, where = flat_positions(packed, [p - 1 for _, p in sequences])  # completion-predicting positions
+            entropy = chunked_entropy(packed_hidden(decoder, packed)[unique], head, self._rows())
+        return [entropy[w].cpu().numpy().astype(np.float32) for w in where]
 
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
@@ -111,6 +125,7 @@ class TorchBackend:
         with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(self.model, config)
+        self.split = split_head(self.model)  # a LoRA on the output head disables the chunked path
         self.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
@@ -131,15 +146,11 @@ class TorchBackend:
         """One packed forward for the batch (adapter off, then on); the loss is the mean of sequence losses."""
         self.model.train()
         packed = pack([(ex.tokens, ex.prompt_len) for ex in batch], self.pad_id, self.model.dtype, self.device)
-        with torch.no_grad(), self._adapter_off():
-            base_logits = packed_logits(self.model, packed)
-        logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        terms = self._chunked_terms(packed) if self.split is not None else self._full_terms(packed)
         total, totals = 0.0, {}
-        for i, ex in enumerate(batch):
-            row, idx = packed.row[i], packed.index[i]
-            ce = -logp[row, idx, packed.targets[i]]
+        for i, (ex, (ce, kl)) in enumerate(zip(batch, terms)):
             g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
-            loss, metrics = combine_terms(ce, kl[row, idx], g, ex.advantage, kl_coef, negative_ce_cap)
+            loss, metrics = combine_terms(ce, kl, g, ex.advantage, kl_coef, negative_ce_cap)
             total = total + loss / len(batch)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batch)
@@ -148,6 +159,26 @@ class TorchBackend:
         (total * scale).backward()
         self.model.eval()
         return totals
+
+    def _full_terms(self, packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence (CE, KL) over its T-1 positions, from full (R, L, V) logits."""
+        with torch.no_grad(), self._adapter_off():
+            base_logits = packed_logits(self.model, packed)
+        logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        return [(-logp[row, idx, t], kl[row, idx]) for row, idx, t in zip(packed.row, packed.index, packed.targets)]
+
+    def _chunked_terms(self, packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same terms from hidden states, the vocabulary a chunk of positions at a time (torch_vocab)."""
+        decoder, head = self.split
+        unique, where = flat_positions(packed, [0] * len(packed.row))
+        with torch.no_grad(), self._adapter_off():
+            base_hidden = packed_hidden(decoder, packed)[unique]
+        hidden = packed_hidden(decoder, packed)[unique]
+        lse, kl = lse_and_kl(hidden, base_hidden, head, self._rows())
+        where_all = torch.cat(where)
+        ce = lse[where_all] - target_logits(hidden[where_all], head, torch.cat(packed.targets))
+        sizes = [w.numel() for w in where]
+        return list(zip(torch.split(ce, sizes), [kl[w] for w in where]))
 
     def step(self, lr: float, weight_decay: float, grad_clip: float) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
