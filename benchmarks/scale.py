@@ -85,6 +85,21 @@ def status_mb(field: str) -> float:
     return float("nan")
 
 
+def rss_guard(limit_gb: float) -> None:
+    """Exit this process (code 3) as soon as its resident set passes `limit_gb`: a shared machine stays up."""
+    import threading
+
+    def watch():
+        while True:
+            rss = status_mb("VmRSS") / 1024
+            if rss > limit_gb:
+                print(f"rss guard: {rss:.1f} GB > {limit_gb} GB, stopping", file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def measure_one(shape: str, stage: str, dtype: str, device: str, batch: int, new_tokens: int, completion: int,
                 threads: int) -> dict:
     """One stage in this (fresh) process; returns rates and memory."""
@@ -116,6 +131,7 @@ def measure_one(shape: str, stage: str, dtype: str, device: str, batch: int, new
 
     if stage == "sample":
         sp = SampleParams(n=batch // len(prompts), temperature=0.6, top_p=0.95, max_tokens=new_tokens, seed=0)
+        backend.generate(prompts[:1], SampleParams(1, 0.6, 0.95, 2, 0))  # warm-up (first-call allocations), not timed
         out, wall, cpu = timed(lambda: backend.generate(prompts, sp))
         tokens = sum(len(c) for o in out for c in o)
     else:
@@ -143,12 +159,32 @@ def measure_one(shape: str, stage: str, dtype: str, device: str, batch: int, new
 
 def run_child(args, shape: str, stage: str, dtype: str, batch: int, completion: int) -> dict:
     cmd = [sys.executable, __file__, "--child", shape, stage, dtype, str(batch), str(completion),
-           "--device", args.device, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+           "--device", args.device, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+           "--max-rss-gb", str(args.max_rss_gb)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["?"])[-1]
         return {"shape": shape, "stage": stage, "dtype": dtype, "batch": batch, "error": tail}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gpu_peak_tflops(spec: str) -> float:
+    """`auto` (the CUDA device's name matched against GPU_BF16_TFLOPS), a name from it, or a number of TFLOP/s."""
+    if spec == "auto":
+        import torch
+
+        spec = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+        name = spec.lower().replace(" ", "").replace("-", "")
+        match = next((k for k in GPU_BF16_TFLOPS if k in name), None)
+        if match is None:
+            sys.exit(f"--gpu-peak auto: no peak known for {spec or 'this machine (no CUDA device)'}; pass TFLOP/s")
+        return GPU_BF16_TFLOPS[match]
+    if spec.lower() in GPU_BF16_TFLOPS:
+        return GPU_BF16_TFLOPS[spec.lower()]
+    try:
+        return float(spec)
+    except ValueError:
+        sys.exit(f"--gpu-peak {spec}: not one of {', '.join(GPU_BF16_TFLOPS)}, `auto`, or a number")
 
 
 def bound_tok_s(row: dict, peak_tflops: float) -> float:
@@ -188,22 +224,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="smallest workload: batch 8, 4 new tokens, 16-token completions")
     ap.add_argument("--long-train", metavar="MODEL", help="only one training step of MODEL at --completion tokens")
-    ap.add_argument("--gpu-peak", help="GPU bf16 peak for the bound column: a name from GPU_BF16_TFLOPS or TFLOP/s")
+    ap.add_argument("--gpu-peak", help="GPU bf16 peak for the bound column: auto, a name from GPU_BF16_TFLOPS, or TFLOP/s")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--max-rss-gb", type=float, default=0, help="stop a measurement whose RSS passes this (0 = no limit)")
     ap.add_argument("--dry", action="store_true", help="print the measurements that would run, run nothing")
     ap.add_argument("--child", nargs=5, metavar=("MODEL", "STAGE", "DTYPE", "BATCH", "COMPLETION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
+        if args.max_rss_gb:
+            rss_guard(args.max_rss_gb)
         shape, stage, dtype, batch, completion = args.child
         print(json.dumps(measure_one(shape, stage, dtype, args.device, int(batch), args.new_tokens, int(completion),
                                      args.threads)))
         return
     if args.quick:
         args.batches, args.new_tokens, args.completion = "8", 4, 16
-    peak = None
-    if args.gpu_peak:
-        peak = GPU_BF16_TFLOPS.get(args.gpu_peak.lower()) or float(args.gpu_peak)
     models = [args.long_train] if args.long_train else args.models.split(",")
     unknown = [m for m in models if m not in SHAPES]
     if unknown:
@@ -221,6 +257,7 @@ def main() -> None:
         for p in plan:
             print(" ".join(map(str, p)))
         return
+    peak = gpu_peak_tflops(args.gpu_peak) if args.gpu_peak else None
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {os.uname().nodename} device={args.device} threads={args.threads or 'default'}"
           f" prompt={PROMPT} new_tokens={args.new_tokens} completion={args.completion} x {GROUP} rollouts", flush=True)
     rows = []
