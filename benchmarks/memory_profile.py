@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.toml")
     ap.add_argument("--run-dir", default="runs/memprofile")
     ap.add_argument("--json", default="", help="also write the rows to this file")
+    ap.add_argument("--keep", action="store_true", help="resume the run folder (e.g. one holding rollouts) instead of deleting it")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -94,7 +95,8 @@ def main() -> None:
     RunContext.timed = measured_timed
 
     run_dir = Path(args.run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
     recipe = load_recipe(args.recipe, [*args.overrides, f"run_dir={json.dumps(str(run_dir))}"])
     t0 = time.time()
     summary = run_pipeline(recipe, UI(rich=False))
