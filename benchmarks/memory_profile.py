@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.toml")
     ap.add_argument("--run-dir", default="runs/memprofile")
     ap.add_argument("--json", default="", help="also write the rows to this file")
+    ap.add_argument("--unchunked", action="store_true", help="full-logits passes, as before torch_vocab (a baseline)")
     ap.add_argument("--keep", action="store_true", help="resume the run folder (e.g. one holding rollouts) instead of deleting it")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -78,6 +79,10 @@ def main() -> None:
         from rmx_local.stages import RunContext
         from rmx_local.ui import UI
 
+    if args.unchunked:
+        import rmx_local.backends.torch_backend as torch_backend
+
+        torch_backend.split_head = lambda model: None
     load = backends.load_backend
 
     def measured_load(*a, **k):

@@ -211,6 +211,34 @@ def print_table(rows: list[dict], peak_tflops: float | None) -> None:
         print(line)
 
 
+def plan_check(rows: list[dict], device: str) -> None:
+    """The dry-run planner's estimate of each measured stage (same shape, same work) next to the measurement."""
+    import torch
+
+    from rmx_local.backends.torch_vocab import LOGITS_BUDGET_BYTES
+    from rmx_local.plan import ModelFacts, calibrate, estimate
+    from rmx_local.recipe import load_recipe
+
+    print(f"\n{'model':<14}{'dtype':<10}{'stage':<14}{'est. MB':>9}{'meas. MB':>10}{'est. s':>9}{'meas. s':>9}")
+    machines = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        facts = ModelFacts.from_config(SHAPES[r["shape"]])
+        dtype = getattr(torch, r["dtype"])
+        machine = machines.setdefault(r["dtype"], calibrate(device, dtype))
+        tokens = r["tokens"] // r["batch"] - PROMPT if r["stage"] != "sample" else r["tokens"] // r["batch"]
+        groups = max(1, r["batch"] // GROUP)
+        recipe = load_recipe(None, [f"rollout.n={r['batch'] // groups}", f"task.train_size={groups}", f"rollout.max_tokens={tokens}",
+                                    f"rollout.batch_size={r['batch']}", f"gate.batch_size={r['batch']}", f"train.batch_size={r['batch']}",
+                                    f"train.group_size={r['batch']}", f"select.max_problems={groups}"])
+        stage = {"sample": "rollouts"}.get(r["stage"], r["stage"])
+        est = {s.name: s for s in estimate(recipe, facts, machine, PROMPT, tokens, dtype.itemsize, LOGITS_BUDGET_BYTES)}[stage]
+        label = f"{r['stage']} b{r['batch']}" if r["stage"] == "sample" else r["stage"]
+        print(f"{r['shape']:<14}{r['dtype']:<10}{label:<14}{est.peak_bytes / 2**20:>9,.0f}{r['peak_mb']:>10,.0f}"
+              f"{est.seconds:>9.1f}{r['wall_s']:>9.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 2)[2])
@@ -227,6 +255,8 @@ def main() -> None:
     ap.add_argument("--gpu-peak", help="GPU bf16 peak for the bound column: auto, a name from GPU_BF16_TFLOPS, or TFLOP/s")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--max-rss-gb", type=float, default=0, help="stop a measurement whose RSS passes this (0 = no limit)")
+    ap.add_argument("--plan-check", action="store_true", help="print the dry-run planner's estimate beside each measurement")
+    ap.add_argument("--from-json", help="reuse the rows of an earlier --json run instead of measuring")
     ap.add_argument("--dry", action="store_true", help="print the measurements that would run, run nothing")
     ap.add_argument("--child", nargs=5, metavar=("MODEL", "STAGE", "DTYPE", "BATCH", "COMPLETION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -260,8 +290,8 @@ def main() -> None:
     peak = gpu_peak_tflops(args.gpu_peak) if args.gpu_peak else None
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {os.uname().nodename} device={args.device} threads={args.threads or 'default'}"
           f" prompt={PROMPT} new_tokens={args.new_tokens} completion={args.completion} x {GROUP} rollouts", flush=True)
-    rows = []
-    for p in plan:
+    rows = json.loads(Path(args.from_json).read_text()) if args.from_json else []
+    for p in plan if not args.from_json else []:
         rows.append(run_child(args, *p))
         r = rows[-1]
         print(f"  {p[0]} {p[2]} {p[1]} b{p[3]}: " + (r["error"] if "error" in r else f"{r['tok_s']:.1f} tok/s, peak {r['peak_mb']:,.0f} MB"),
@@ -270,6 +300,8 @@ def main() -> None:
     print_table(rows, peak)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plan_check:
+        plan_check(rows, args.device)
 
 
 if __name__ == "__main__":
