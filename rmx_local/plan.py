@@ -129,9 +129,9 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
     problems = min(r.select.max_problems, r.task.train_size)  # upper bound: every problem mixed
     seqs = problems * r.rollout.n
 
-    def decode(name: str, prompts: int, n: int, max_tokens: int) -> Stage:
-        """`prompts` x `n` rows decoded `rollout.batch_size` at a time (evaluation shares the knob)."""
-        rows_total, batch = prompts * n, r.rollout.batch_size
+    def decode(name: str, prompts: int, n: int, max_tokens: int, batch: int, knob: str) -> Stage:
+        """`prompts` x `n` rows decoded `batch` at a time."""
+        rows_total = prompts * n
         rows = min(batch, rows_total)
         kv = rows * (P + max_tokens) * m.kv_bytes_per_token(bytes_per)
         logits = 3 * rows * m.vocab * 4  # one step's logits, probabilities and top-p work, fp32
@@ -139,7 +139,7 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         flops = made * m.flops_per_token(P + max_tokens * fraction / 2) + prompts * P * m.flops_per_token(P / 2)
         steps = -(-rows_total // rows) * max_tokens  # the longest row of each batch sets its steps
         seconds = flops / (machine.flops * EFFICIENCY["sample"]) + steps * weights / machine.bandwidth
-        return Stage(name, base + kv + logits, seconds, f"rollout.batch_size (now {batch}) or rollout.max_tokens")
+        return Stage(name, base + kv + logits, seconds, f"{knob}.batch_size (now {batch}) or {knob}.max_tokens")
 
     def teacher_forced(name: str, per_pass: int, knob: str) -> Stage:
         """One packed pass of `per_pass` sequences; rollouts of one problem share a row when the recipe packs them."""
@@ -159,13 +159,14 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         return Stage(name, base + acts + mask + chunk_budget, flops / (machine.flops * EFFICIENCY[name]), knob)
 
     out = [Stage("load model", base + weights, 2.0 + 4 * weights / machine.bandwidth, "dtype = \"bfloat16\" or a smaller model"),
-           decode("rollouts", r.task.train_size, r.rollout.n, C_max),
+           decode("rollouts", r.task.train_size, r.rollout.n, C_max, r.rollout.batch_size, "rollout"),
            teacher_forced("entropy", r.gate.batch_size, f"gate.batch_size (now {r.gate.batch_size})"),
            teacher_forced("train", r.train.batch_size,
                           f"train.batch_size (now {r.train.batch_size}; raise train.grad_accum to keep the step)")]
     e = r.eval
     for label in ("eval base", "eval adapted"):
-        parts = [decode(label, r.task.eval_size, n, e.max_tokens) for n in [1] * e.greedy + [e.n_samples] * bool(e.n_samples)]
+        parts = [decode(label, r.task.eval_size, n, e.max_tokens, e.batch_size or r.rollout.batch_size, "eval")
+                 for n in [1] * e.greedy + [e.n_samples] * bool(e.n_samples)]
         if parts:
             out.append(Stage(label, max(s.peak_bytes for s in parts), sum(s.seconds for s in parts), parts[0].knob))
     return out

@@ -94,6 +94,7 @@ class EvalConfig:
     top_p: float = 0.95
     greedy: bool = True
     max_tokens: int = 512
+    batch_size: int = 0  # sequences decoded together (0 = rollout.batch_size); the KV cache grows with it
 
 
 @dataclass
@@ -233,6 +234,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.task.train_size > 0, "task.train_size must be > 0"),
         (r.task.name != "jsonl" or r.task.path, "task.path is required when task.name = \"jsonl\""),
         (r.eval.n_samples >= 0, "eval.n_samples must be >= 0"),
+        (r.eval.batch_size >= 0, "eval.batch_size must be >= 0 (0 = rollout.batch_size)"),
     ]
     for ok, msg in checks:
         if not ok:

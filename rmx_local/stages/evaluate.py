@@ -24,7 +24,7 @@ def score(ctx: RunContext, problems: list[Problem], params: SampleParams, label:
     """Per-problem correctness for the backend's current adapter state."""
     texts, ids = encode_prompts(ctx, problems)
     outs: list[list[list[int]]] = []
-    group = max(1, ctx.recipe.rollout.batch_size // max(params.n, 1))
+    group = max(1, (ctx.recipe.eval.batch_size or ctx.recipe.rollout.batch_size) // max(params.n, 1))
     with ctx.ui.stage(label, len(problems), "problems") as bar:
         for start in range(0, len(problems), group):
             chunk = ids[start : start + group]
