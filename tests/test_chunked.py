@@ -6,6 +6,7 @@ import torch
 
 from rmx_local.backends import TrainExample
 from rmx_local.backends.torch_backend import TorchBackend
+from rmx_local.backends.torch_packing import split_passes
 from rmx_local.backends.torch_vocab import FP32_COPIES, LOGITS_BUDGET_BYTES, chunk_rows, split_head
 from tests.conftest import tiny_llama
 
@@ -82,6 +83,28 @@ def test_chunked_loss_and_lora_gradients_equal_full_logits(tokenizer, cap):
     for n in g_f:
         assert float(g_f[n].abs().max()) > 1e-4
         torch.testing.assert_close(g_c[n], g_f[n], rtol=1e-6, atol=1e-6)
+
+
+def test_split_passes_keep_prompts_together_within_the_budget():
+    a, b = [1, 2, 3], [7, 8]
+    seqs = [(a + [4, 5], 3), (a + [6], 3), (a + [9, 9, 9], 3), (b + [1], 2), ([5] * 40, 3)]
+    assert split_passes(seqs, 9) == [[0, 1, 2], [3], [4]]  # 3 + 2 + 1 + 3 = 9 tokens; a new prompt starts a piece
+    assert split_passes(seqs, 1) == [[0], [1], [2], [3], [4]]  # at least one sequence per pass
+    assert split_passes(seqs, 10**6) == [[0, 1, 2, 3, 4]]
+
+
+def test_training_in_several_passes_equals_one_pass(tokenizer):
+    examples = batch(np.random.default_rng(3))
+    results = []
+    for budget in (1, 10**12):  # one sequence per pass, then the whole batch in one
+        b = with_lora(backend(tokenizer, True))
+        b.activation_budget = budget
+        results.append((b.accumulate(examples, 0.2, 0.0, 1.0), lora_grads(b)))
+    (m1, g1), (m2, g2) = results
+    for k in m2:
+        assert m1[k] == pytest.approx(m2[k], rel=1e-6, abs=1e-6), k
+    for n in g2:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-6, atol=1e-6)
 
 
 def test_lora_on_the_output_head_falls_back_to_full_logits(tokenizer):

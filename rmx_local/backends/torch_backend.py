@@ -5,6 +5,8 @@ CPU runs in fp32; CUDA in bf16 (LoRA weights stay fp32, PEFT's default). Base lo
 for entropy scoring come from the same model with the LoRA layers switched off. Full-vocabulary work (entropy,
 KL, CE) runs a chunk of positions at a time from the decoder's hidden states (torch_vocab), so its memory is
 bounded by `logits_budget` bytes (default `torch_vocab.LOGITS_BUDGET_BYTES`) instead of batch x length x vocab.
+A training micro-batch whose activations would pass `activation_budget` bytes (estimated: `saved_floats` per token
+per layer kept for backward) runs as several packed forward/backward passes; the gradients add up to the same sum.
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ import torch
 from rmx_local.adapter import PEFT_PREFIX, LoraAdapter, model_facts
 from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions
 from rmx_local.errors import RmxError
-from rmx_local.backends.torch_packing import pack, packed_logits
+from rmx_local.backends.torch_packing import pack, packed_logits, split_passes
 from rmx_local.backends.torch_sampling import decode
 from rmx_local.backends.torch_vocab import (LOGITS_BUDGET_BYTES, chunk_rows, chunked_entropy, flat_positions, lse_and_kl,
                                             packed_hidden, split_head, target_logits)
 from rmx_local.loss import combine_terms, position_terms, prediction_gate, token_entropy
+
+
+ACTIVATION_BUDGET_BYTES = 256 * 2**20  # activations saved for backward in one training pass (one sequence at least)
+
+
+def saved_floats(config) -> int:
+    """Floats a decoder layer keeps for backward per token with LoRA on attention: ~8 hidden-sized tensors (norm
+    inputs and outputs, q/k/v, attention output) and 3 MLP-sized ones (gate, its activation, up)."""
+    return 8 * config.hidden_size + 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
 
 
 def pick_device(name: str) -> str:
@@ -63,6 +74,7 @@ class TorchBackend:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.split = split_head(self.model)  # (decoder, head) for chunked full-vocabulary passes; None = full logits
         self.logits_budget = LOGITS_BUDGET_BYTES
+        self.activation_budget = ACTIVATION_BUDGET_BYTES
 
     @classmethod
     def load(cls, source, recipe, note=lambda s: None) -> "TorchBackend":
@@ -143,20 +155,28 @@ class TorchBackend:
             yield
 
     def accumulate(self, batch: list[TrainExample], kl_coef: float, negative_ce_cap: float, scale: float) -> dict[str, float]:
-        """One packed forward for the batch (adapter off, then on); the loss is the mean of sequence losses."""
+        """Packed forwards (adapter off, then on) and backward; the loss is the mean of sequence losses. A batch over
+        `activation_budget` is cut into passes (`split_passes`) whose gradients add up."""
+        cfg = self.model.config
+        per_token = cfg.num_hidden_layers * saved_floats(cfg) * self.model.dtype.itemsize
+        pieces = split_passes([(ex.tokens, ex.prompt_len) for ex in batch], max(1, self.activation_budget // per_token))
+        totals: dict[str, float] = {}
         self.model.train()
-        packed = pack([(ex.tokens, ex.prompt_len) for ex in batch], self.pad_id, self.model.dtype, self.device)
-        terms = self._chunked_terms(packed) if self.split is not None else self._full_terms(packed)
-        total, totals = 0.0, {}
-        for i, (ex, (ce, kl)) in enumerate(zip(batch, terms)):
-            g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
-            loss, metrics = combine_terms(ce, kl, g, ex.advantage, kl_coef, negative_ce_cap)
-            total = total + loss / len(batch)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batch)
-        if not torch.isfinite(total):
-            raise RmxError("training: loss is NaN/inf", fix="lower train.lr, set train.negative_ce_cap, or use dtype = \"float32\"")
-        (total * scale).backward()
+        for piece in pieces:
+            part = [batch[i] for i in piece]
+            packed = pack([(ex.tokens, ex.prompt_len) for ex in part], self.pad_id, self.model.dtype, self.device)
+            terms = self._chunked_terms(packed) if self.split is not None else self._full_terms(packed)
+            total = 0.0
+            for ex, (ce, kl) in zip(part, terms):
+                g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
+                loss, metrics = combine_terms(ce, kl, g, ex.advantage, kl_coef, negative_ce_cap)
+                total = total + loss / len(batch)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / len(batch)
+            if not torch.isfinite(total):
+                self.model.eval()
+                raise RmxError("training: loss is NaN/inf", fix="lower train.lr, set train.negative_ce_cap, or use dtype = \"float32\"")
+            (total * scale).backward()
         self.model.eval()
         return totals
 
