@@ -8,8 +8,10 @@ Memory (torch backend; the peak is the largest stage):
   runtime + weights                 RUNTIME_MB + parameters x bytes per parameter
   sampling (rollouts, evaluation)   KV cache of every decoded row at prompt + max_tokens (all rows can run to
                                     the end), plus a few copies of one step's (rows, vocab) logits
-  entropy, training                 activations of the packed micro-batch (ACT_* bytes per token per layer,
-                                    measured), its attention mask, and the chunked full-vocabulary budget
+  entropy                           one layer's transients over the packed pass (ACT_INFER, measured), its
+                                    attention mask, and the chunked full-vocabulary budget
+  training                          every layer's activations of one pass (`saved_floats`; the backend cuts a
+                                    micro-batch at ACTIVATION_BUDGET_BYTES), the mask, LoRA + Adam, the budget
 Time: FLOPs / (calibrated matmul rate x a per-stage efficiency measured on the benchmarked shapes), plus, for
 decoding, one read of the weights per step (a step with few rows is bandwidth-bound).
 
@@ -27,11 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmx_local.backends.torch_backend import ACTIVATION_BUDGET_BYTES, saved_floats
 from rmx_local.recipe import Recipe
 
 RUNTIME_MB = 650  # python + torch + transformers + tokenizer, resident before the weights (measured: 600-700)
 ACT_INFER = 16  # fp32 bytes per token per (hidden + intermediate) unit alive in a no-grad forward (one layer's)
-ACT_TRAIN = 40  # fp32 bytes per token per layer per (hidden + intermediate / 2) unit saved for backward
 ASSUMED_COMPLETION = 0.5  # mean completion length / max_tokens when no rollouts exist yet
 EFFICIENCY = {"sample": 0.25, "entropy": 0.5, "train": 0.35}  # of the calibrated matmul rate (measured)
 FIT_FRACTION = 0.9  # warn above this share of the machine's memory
@@ -148,8 +150,9 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         rows = -(-per_pass // group)
         length = P + group * C_max  # worst case: every completion at max_tokens
         tokens = rows * length
-        if grad:  # saved for backward in every layer, plus the LoRA tensors (param, grad, 2 Adam moments)
-            acts = tokens * m.layers * (m.hidden + m.intermediate / 2) * ACT_TRAIN * bytes_per / 4
+        if grad:  # every layer's activations of one pass (the backend cuts a micro-batch into passes), LoRA + Adam
+            per_token = m.layers * saved_floats(m.hidden, m.intermediate) * bytes_per
+            acts = per_token * min(tokens, max(ACTIVATION_BUDGET_BYTES // per_token, P + C_max))
             acts += 4 * r.train.lora_rank * 4 * m.hidden * m.layers * 4
         else:  # one layer's transients at a time
             acts = tokens * (m.hidden + m.intermediate) * ACT_INFER * bytes_per / 4
@@ -162,7 +165,7 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
            decode("rollouts", r.task.train_size, r.rollout.n, C_max, r.rollout.batch_size, "rollout"),
            teacher_forced("entropy", r.gate.batch_size, f"gate.batch_size (now {r.gate.batch_size})"),
            teacher_forced("train", r.train.batch_size,
-                          f"train.batch_size (now {r.train.batch_size}; raise train.grad_accum to keep the step)")]
+                          f"rollout.max_tokens (now {C_max}; a training pass holds at least one whole sequence)")]
     e = r.eval
     for label in ("eval base", "eval adapted"):
         parts = [decode(label, r.task.eval_size, n, e.max_tokens, e.batch_size or r.rollout.batch_size, "eval")
