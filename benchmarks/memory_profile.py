@@ -54,8 +54,10 @@ class StageMemory:
         try:
             yield
         finally:
-            self.rows.append({"stage": stage, "before_mb": before, "peak_mb": status_mb("VmHWM"),
-                              "after_mb": status_mb("VmRSS"), "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0})
+            row = {"stage": stage, "before_mb": before, "peak_mb": status_mb("VmHWM"),
+                   "after_mb": status_mb("VmRSS"), "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+            self.rows.append(row)
+            print(f"memory: {stage}: peak {row['peak_mb']:,.0f} MB (before {before:,.0f}), {row['cpu_s']:.1f} CPU s", flush=True)
 
 
 def main() -> None:
