@@ -5,7 +5,7 @@ hidden and KV sizes), the recipe's sizes, the prompt length of the task's first 
 ~0.3 s calibration of this machine (matmul FLOP/s and memory bandwidth on the recipe's device and dtype).
 
 Memory (torch backend; the peak is the largest stage):
-  runtime + weights                 RUNTIME_MB + parameters x bytes per parameter
+  runtime + weights                 RUNTIME_MB + parameters x bytes per parameter (loading adds ~10%)
   sampling (rollouts, evaluation)   KV cache of every decoded row at prompt + max_tokens (all rows can run to
                                     the end), plus a few copies of one step's (rows, vocab) logits
   entropy                           one layer's transients over the packed pass (ACT_INFER, measured), its
@@ -32,7 +32,7 @@ from pathlib import Path
 from rmx_local.backends.torch_backend import ACTIVATION_BUDGET_BYTES, saved_floats
 from rmx_local.recipe import Recipe
 
-RUNTIME_MB = 650  # python + torch + transformers + tokenizer, resident before the weights (measured: 600-700)
+RUNTIME_MB = 400  # python + torch + transformers + tokenizer, resident before the weights (measured: 370-400)
 ACT_INFER = 16  # fp32 bytes per token per (hidden + intermediate) unit alive in a no-grad forward (one layer's)
 ASSUMED_COMPLETION = 0.5  # mean completion length / max_tokens when no rollouts exist yet
 EFFICIENCY = {"sample": 0.25, "entropy": 0.5, "train": 0.35}  # of the calibrated matmul rate (measured)
@@ -161,7 +161,7 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         flops = work * m.flops_per_token(P + C) * (3 if grad else 1) * (r.train.epochs if grad else 1.0)
         return Stage(name, base + acts + mask + chunk_budget, flops / (machine.flops * EFFICIENCY[name]), knob)
 
-    out = [Stage("load model", base + weights, 2.0 + 4 * weights / machine.bandwidth, "dtype = \"bfloat16\" or a smaller model"),
+    out = [Stage("load model", base + weights / 10, 2.0 + 4 * weights / machine.bandwidth, "dtype = \"bfloat16\" or a smaller model"),
            decode("rollouts", r.task.train_size, r.rollout.n, C_max, r.rollout.batch_size, "rollout"),
            teacher_forced("entropy", r.gate.batch_size, f"gate.batch_size (now {r.gate.batch_size})"),
            teacher_forced("train", r.train.batch_size,
