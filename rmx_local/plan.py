@@ -138,9 +138,11 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         kv = rows * (P + max_tokens) * m.kv_bytes_per_token(bytes_per)
         logits = 3 * rows * m.vocab * 4  # one step's logits, probabilities and top-p work, fp32
         made = rows_total * max_tokens * fraction
-        flops = made * m.flops_per_token(P + max_tokens * fraction / 2) + prompts * P * m.flops_per_token(P / 2)
+        decode_flops = made * m.flops_per_token(P + max_tokens * fraction / 2)
+        prefill_flops = prompts * P * m.flops_per_token(P / 2)  # each distinct prompt once, as one large pass
         steps = -(-rows_total // rows) * max_tokens  # the longest row of each batch sets its steps
-        seconds = flops / (machine.flops * EFFICIENCY["sample"]) + steps * weights / machine.bandwidth
+        seconds = (decode_flops / (machine.flops * EFFICIENCY["sample"]) + prefill_flops / (machine.flops * EFFICIENCY["entropy"])
+                   + steps * weights / machine.bandwidth)
         return Stage(name, base + kv + logits, seconds, f"{knob}.batch_size (now {batch}) or {knob}.max_tokens")
 
     def teacher_forced(name: str, per_pass: int, knob: str) -> Stage:
