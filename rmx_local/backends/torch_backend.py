@@ -123,6 +123,15 @@ class TorchBackend:
             entropy = chunked_entropy(packed_hidden(decoder, packed)[unique], head, self._rows())
         return [entropy[w].cpu().numpy().astype(np.float32) for w in where]
 
+    @torch.inference_mode()
+    def kl_from_base(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """KL(base || adapted) (nats) of the distributions predicting each completion token (`rmx-local eval --kl`)."""
+        packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
+        with self._adapter_off():
+            base_logits = packed_logits(self.model, packed)
+        _, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        return [kl[packed.row[i], packed.index[i][p - 1 :]].float().cpu().numpy() for i, (_, p) in enumerate(sequences)]
+
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
         import warnings
