@@ -61,10 +61,9 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
     ui = UI(rich=False if plain else None)
     ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
     if dry_run:
-        from rmx_local.models import resolve_model
         from rmx_local.plan import print_plan
 
-        print_plan(r, resolve_model(r.model).hf_path, ui)
+        print_plan(r, ui)
         return
     from rmx_local.pipeline import run_pipeline
 

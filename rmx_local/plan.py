@@ -35,6 +35,7 @@ from rmx_local.recipe import Recipe
 RUNTIME_MB = 400  # python + torch + transformers + tokenizer, resident before the weights (measured: 370-400)
 ACT_INFER = 16  # fp32 bytes per token per (hidden + intermediate) unit alive in a no-grad forward (one layer's)
 ASSUMED_COMPLETION = 0.5  # mean completion length / max_tokens when no rollouts exist yet
+ASSUMED_PROMPT = 150  # prompt tokens when the task's problems cannot be read (GSM8K-like)
 EFFICIENCY = {"sample": 0.25, "entropy": 0.5, "train": 0.35}  # of the calibrated matmul rate (measured)
 FIT_FRACTION = 0.9  # warn above this share of the machine's memory
 
@@ -177,17 +178,22 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
     return out
 
 
-def prompt_length(r: Recipe, tokenizer) -> int:
-    """Mean token length of the task's first prompts, as the pipeline will build them."""
-    from rmx_local.tasks import arith_problems, build_prompt, load_jsonl
+def prompt_length(r: Recipe, tokenizer) -> int | None:
+    """Mean token length of the task's first prompts, as the pipeline builds them; None when they cannot be read."""
+    from rmx_local.tasks import arith_problems, encode_prompts
 
     t = r.task
-    problems = arith_problems(t.difficulty, 8, r.seed) if t.name == "arith" else load_jsonl(t.path)[:32]
-    template = "chat" if t.template == "auto" and getattr(tokenizer, "chat_template", None) else t.template
-    template = "raw" if template == "auto" else template
-    ids = [tokenizer(build_prompt(tokenizer, p.question, template, t.instruction), add_special_tokens=template == "raw").input_ids
-           for p in problems]
-    return round(sum(map(len, ids)) / len(ids))
+    try:
+        if t.name == "arith":
+            problems = arith_problems(t.difficulty, 8, r.seed)
+        else:
+            from rmx_local.data import load_problems
+
+            problems = load_problems(t.path)[:32]
+        _, ids = encode_prompts(tokenizer, [p.question for p in problems], t.template, t.instruction)
+    except Exception:  # a data set that is not there yet must not stop a dry run: the caller assumes a length
+        return None
+    return round(sum(map(len, ids)) / len(ids)) if ids else None
 
 
 def measured_completion(run_dir: str) -> float | None:
@@ -214,7 +220,7 @@ def plan(r: Recipe, hf_path: str, machine: Machine | None = None) -> tuple[list[
         torch.set_num_threads(r.threads)
     machine = machine or calibrate(device if device in ("cpu", "cuda") else "cpu", dtype)
     tokenizer = AutoTokenizer.from_pretrained(hf_path, trust_remote_code=r.trust_remote_code)
-    P = prompt_length(r, tokenizer)
+    P = prompt_length(r, tokenizer) or ASSUMED_PROMPT
     measured = measured_completion(r.run_dir)
     C = measured if measured is not None else ASSUMED_COMPLETION * r.rollout.max_tokens
     stages = estimate(r, facts, machine, P, C, torch.finfo(dtype).bits // 8, LOGITS_BUDGET_BYTES)
@@ -232,8 +238,16 @@ def verdict(stages: list[Stage], memory: int) -> str | None:
             f"lower {worst.knob}")
 
 
-def print_plan(r: Recipe, hf_path: str, ui) -> None:
-    stages, f = plan(r, hf_path)
+def print_plan(r: Recipe, ui) -> None:
+    """The estimate table, or one line saying why there is none (the dry run itself still succeeds)."""
+    from rmx_local.errors import RmxError
+    from rmx_local.models import resolve_model
+
+    try:
+        stages, f = plan(r, resolve_model(r.model).hf_path)
+    except (RmxError, OSError, ValueError, KeyError, TypeError) as e:
+        ui.line(f"estimate: none ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        return
     m: Machine = f["machine"]
     where = "VRAM" if m.device == "cuda" else "RAM"
     basis = "measured from the run folder" if f["completion_measured"] else f"assumed {ASSUMED_COMPLETION:.0%} of max_tokens"
