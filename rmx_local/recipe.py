@@ -107,6 +107,7 @@ class EvalConfig:
     greedy: bool = True  # score greedy accuracy (one greedy completion per problem)
     # completion token limit in evaluation (and in checkpoint validation)
     max_tokens: int = 512
+    batch_size: int = 0  # sequences decoded together (0 = rollout.batch_size); the KV cache grows with it
 
 
 @dataclass
@@ -254,6 +255,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.task.name == "arith" or r.task.path, "task.path", r.task.path, f'is required when task.name = "{r.task.name}"',
          '"data/train.jsonl"'),
         (r.eval.n_samples >= 0, "eval.n_samples", r.eval.n_samples, "must be >= 0", "4"),
+        (r.eval.batch_size >= 0, "eval.batch_size", r.eval.batch_size, "must be >= 0 (0 = rollout.batch_size)", "0"),
         (formats_ok, "export.formats", r.export.formats, f"must be among {', '.join(EXPORT_FORMATS)}, all", '["gguf", "peft"]'),
     ]
     for ok, name, value, rule, example in checks:

