@@ -29,7 +29,8 @@ when the answer column holds a full solution; anything else is kept as text (the
 is the same 100 problems on every machine. Ids: the source's own `id` column when its values are unique (a
 run's problems.json keeps its ids), else "{source}-{row}" with the 0-based row in the source (file stem,
 `name[-config][-split]` for hub ids), stable while the source is. Bad input (missing file, unknown
-field, empty data, a row without question or gold) raises one `RmxError` naming the source, the row and the fix.
+field, empty data, a row without question or gold, a gold that is a list / object or a multi-line or
+>200-character text, a question over 1 MB) raises one `RmxError` naming the source, the row and the fix.
 Shortcut: only the chosen rows' golds are checked, so a bad row outside a `limit` subset goes unnoticed.
 """
 
@@ -46,6 +47,8 @@ from rmx_local.tasks import DIFFICULTIES, Problem, arith_problems, arith_space_s
 from rmx_local.verify import _last_boxed
 
 ARITH_DEFAULT_N = 200  # the quickstart's held-out size
+MAX_QUESTION_CHARS = 1_000_000  # no model's context holds a longer problem: the file is broken
+MAX_GOLD_CHARS = 200  # a longer (or multi-line) "gold" is a solution without its final answer
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 FIELDS_FIX = "pass --question-field COLUMN (or a template like '{Body} {Question}') and --answer-field COLUMN"
@@ -74,6 +77,11 @@ def load_problems(spec: str, *, limit: int | None = None, seed: int = 0, questio
         row = table[i]
         question = question_of(row).strip()
         gold = gold_answer(row[answer_col], from_solution)
+        if len(question) > MAX_QUESTION_CHARS:
+            raise RmxError(f"{spec}: row {i}: the question is {len(question) / 1e6:.1f} MB long (limit 1 MB)",
+                           fix="one problem per row; drop or split that row")
+        if "\n" in gold or len(gold) > MAX_GOLD_CHARS:  # a worked solution without its final answer, not a gold
+            gold = ""
         if not question or not gold:
             bad.append((i, "question" if not question else "gold answer", row[answer_col]))
             continue
@@ -136,6 +144,8 @@ def _load_file(spec: str, path: Path, name: str | None):
         raise RmxError(f"{path}: unknown data format {path.suffix!r}", fix=f"use one of {', '.join(FILE_BUILDERS)}")
     if name and path.suffix.lower() != ".json":
         raise RmxError(f"data {spec!r}: only a .json file takes a :NAME suffix (its top-level key)", fix=f"pass {path}")
+    if path.stat().st_size == 0:
+        raise RmxError(f"{path}: no rows (the file is empty)", fix="point at a file that holds problems")
     datasets = _datasets()
     kwargs = {"field": name} if name else {}
     try:
@@ -247,7 +257,7 @@ _INTEGRAL_RE = re.compile(r"(-?\d+)\.0+")
 
 def gold_answer(value: Any, from_solution: bool = False) -> str:
     """The gold final answer of one row's answer field, normalised (see the module docstring); "" if none."""
-    if value is None or isinstance(value, bool):
+    if value is None or isinstance(value, (bool, list, dict)):
         return ""
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)

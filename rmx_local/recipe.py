@@ -161,6 +161,7 @@ CHOICES = {
     "gate.mode": {"fraction", "tau"},
     "export.outtype": {"f32", "f16", "bf16", "q8_0"},
 }
+EXPORT_FORMATS = ("gguf", "mlx", "peft", "ollama")  # and "all"; a comma list also works
 
 
 def _check_value(where: str, key: str, typ: Any, value: Any) -> Any:
@@ -178,7 +179,8 @@ def _check_value(where: str, key: str, typ: Any, value: Any) -> Any:
         tname = getattr(typ, "__name__", str(typ))
         raise RmxError(f"{where}: `{key}` must be {tname}, got {value!r}", fix=f"write e.g. {key} = {_example(typ)}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise RmxError(f"{where}: `{key}` = {value!r} is not one of {sorted(CHOICES[key])}")
+        raise RmxError(f"{where}: `{key}` = {value!r} is not one of {sorted(CHOICES[key])}",
+                       fix=f'write e.g. {key} = "{sorted(CHOICES[key])[0]}"')
     return value
 
 
@@ -198,7 +200,7 @@ def _fill(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise RmxError(f"{where}: `{full}` must be a [{full}] table")
+                raise RmxError(f"{where}: `{full}` must be a [{full}] table", fix=f"write its keys under a [{full}] line")
             _fill(current, value, where, prefix=f"{full}.")
         else:
             setattr(obj, key, _check_value(where, full, hints[key], value))
@@ -225,7 +227,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
-            raise RmxError(f"{path}: malformed TOML: {e}") from None
+            raise RmxError(f"{path}: malformed TOML: {e}", fix="compare with `rmx-local recipes show quickstart`") from None
         _fill(recipe, data, str(path))
     for text in overrides:
         keys, value = parse_override(text)
@@ -238,23 +240,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
 
 
 def _check_ranges(r: Recipe, where: str) -> None:
-    checks = [
-        (r.rollout.n >= 2, "rollout.n must be >= 2 (advantages need several rollouts per problem)"),
-        (0 < r.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-        (r.rollout.temperature >= 0, "rollout.temperature must be >= 0"),
-        (0 < r.gate.fraction < 1, "gate.fraction must be in (0, 1)"),
-        (0 <= r.select.trim_longest < 1, "select.trim_longest must be in [0, 1)"),
-        (r.train.lora_rank > 0, "train.lora_rank must be > 0"),
-        (r.train.grad_accum > 0 and r.train.batch_size > 0, "train.batch_size and train.grad_accum must be > 0"),
-        (r.train.group_size >= 1, "train.group_size must be >= 1 (1 = shuffled sequences)"),
-        (r.task.train_size > 0, "task.train_size must be > 0"),
-        (r.task.name == "arith" or r.task.path, f"task.path is required when task.name = \"{r.task.name}\""),
-        (r.eval.n_samples >= 0, "eval.n_samples must be >= 0"),
-        (r.eval.batch_size >= 0, "eval.batch_size must be >= 0 (0 = rollout.batch_size)"),
+    formats_ok = all(f.strip() in (*EXPORT_FORMATS, "all") for item in r.export.formats for f in item.split(","))
+    checks = [  # (ok, field, value, rule, a valid example)
+        (r.rollout.n >= 2, "rollout.n", r.rollout.n, "must be >= 2 (advantages need several rollouts per problem)", "8"),
+        (0 < r.rollout.top_p <= 1, "rollout.top_p", r.rollout.top_p, "must be in (0, 1]", "0.95"),
+        (r.rollout.temperature >= 0, "rollout.temperature", r.rollout.temperature, "must be >= 0", "0.6"),
+        (0 < r.gate.fraction < 1, "gate.fraction", r.gate.fraction, "must be in (0, 1)", "0.05"),
+        (0 <= r.select.trim_longest < 1, "select.trim_longest", r.select.trim_longest, "must be in [0, 1)", "0.0"),
+        (r.train.lora_rank > 0, "train.lora_rank", r.train.lora_rank, "must be > 0", "32"),
+        (r.train.batch_size > 0, "train.batch_size", r.train.batch_size, "must be > 0", "1"),
+        (r.train.grad_accum > 0, "train.grad_accum", r.train.grad_accum, "must be > 0", "8"),
+        (r.train.group_size >= 1, "train.group_size", r.train.group_size, "must be >= 1 (1 = shuffled sequences)", "1"),
+        (r.task.train_size > 0, "task.train_size", r.task.train_size, "must be > 0", "55"),
+        (r.task.name == "arith" or r.task.path, "task.path", r.task.path, f'is required when task.name = "{r.task.name}"',
+         '"data/train.jsonl"'),
+        (r.eval.n_samples >= 0, "eval.n_samples", r.eval.n_samples, "must be >= 0", "4"),
+        (r.eval.batch_size >= 0, "eval.batch_size", r.eval.batch_size, "must be >= 0 (0 = rollout.batch_size)", "0"),
+        (formats_ok, "export.formats", r.export.formats, f"must be among {', '.join(EXPORT_FORMATS)}, all", '["gguf", "peft"]'),
     ]
-    for ok, msg in checks:
+    for ok, name, value, rule, example in checks:
         if not ok:
-            raise RmxError(f"{where}: {msg}")
+            raise RmxError(f"{where}: {name} {rule}, got {value!r}", fix=f"write e.g. {name} = {example}")
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

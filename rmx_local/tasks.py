@@ -158,8 +158,8 @@ def build_prompt(tokenizer: Any, question: str, template: str, instruction: str 
     if template == "raw":
         return RAW_TEMPLATE.replace(INSTRUCTION, instruction).replace("{question}", question)
     if not has_chat:
-        raise RmxError("prompt template 'chat': this tokenizer has no chat template",
-                       fix='use template = "raw" (or "auto") for base models')
+        raise RmxError('task.template = "chat": this tokenizer has no chat template',
+                       fix='use task.template = "raw" (or "auto") for base models')
     messages = [{"role": "user", "content": question + "\n" + instruction}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -96,6 +96,13 @@ class TorchBackend:
             hint = (f"download it first (`hf download {source.spec}`) or set HF_HUB_OFFLINE=0; or point model at a local folder"
                     if source.is_hub_id else "check that the folder holds a complete transformers model")
             raise RmxError(f"model: cannot load {source.spec!r}: {str(e).splitlines()[0]}", fix=hint) from None
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise RmxError(f"model: {source.spec!r} needs its own Python code to load (config.json auto_map), "
+                           "which is not run unless the recipe sets trust_remote_code = true",
+                           fix="set trust_remote_code = true only if you trust that code, or use a model transformers "
+                               "supports natively") from None
         return cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -264,4 +271,14 @@ class TorchBackend:
         atomic_write_bytes(path, buf.getvalue())
 
     def load_optimizer(self, path: str) -> None:
-        self.optimizer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Tensors and plain containers only (`weights_only=True`): a file carrying pickled code is refused."""
+        import pickle
+
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            what = "holds pickled objects beyond tensors, refused" if isinstance(e, pickle.UnpicklingError) else \
+                f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            raise RmxError(f"{path}: not a plain optimizer state ({what})",
+                           fix="delete that checkpoint folder to redo its steps") from None
+        self.optimizer.load_state_dict(state)
