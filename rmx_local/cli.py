@@ -51,7 +51,7 @@ def _recipe_path(name: str) -> Path:
 @main.command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe, estimate memory and time, and exit.")
 @click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
 def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> None:
     """Run the whole pipeline for RECIPE (a path or a bundled name), with key=value OVERRIDES."""
@@ -61,6 +61,9 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
     ui = UI(rich=False if plain else None)
     ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
     if dry_run:
+        from rmx_local.plan import print_plan
+
+        print_plan(r, ui)
         return
     from rmx_local.pipeline import run_pipeline
 
