@@ -1,0 +1,159 @@
+"""The paper's Section-3 analysis of a base / tuned ("teacher") pair, as pure functions over logits and token ids.
+
+Greedy throughout. At every decoding position both models' next-token logits are known; from them:
+  - classification: unshifted (same argmax) / reranked (argmaxes differ, the teacher's token within the base's
+    top 5) / shifted (outside it); the base rank of the teacher's token (1 = the base's own argmax) and the base
+    entropy (nats) at the position;
+  - policies, each one greedy decode that continues from whatever it chose: `base`, `teacher`, `oracle` (the
+    teacher's argmax at reranked positions, the base's elsewhere), `random` (at reranked positions a random
+    token of the base top 20 other than the base's argmax, seeded per problem: the control), `entropy`
+    (the teacher's argmax wherever base entropy > tau).
+The classification statistics are those of the `base` policy's rows: the base's own greedy completions.
+A `PairStepper` supplies the logits (a constructed table in tests, two forward passes of one model with its
+adapter off and on in `analyze_torch`). Shortcuts: ties in logits rank in the base's favour (a token counts as
+above only when strictly greater); "tokens touched" counts positions where a policy substituted, including the
+entropy gate's substitutions that happen to equal the base's argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+TOP_K = 5  # reranked: the teacher's token is within the base's top 5
+CONTROL_TOP = 20  # the random control draws from the base's top 20
+UNSHIFTED, RERANKED, SHIFTED = 0, 1, 2
+RANK_BUCKETS = ("2", "3", "4", "5", "6-10", "11-20", ">20")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    kind: str  # base | teacher | oracle | random | entropy
+    tau: float = 0.0
+
+
+def default_policies(taus: list[float]) -> list[Policy]:
+    fixed = [Policy("base", "base"), Policy("teacher", "teacher"), Policy("oracle (reranked positions)", "oracle"),
+             Policy("random top-20 (same positions)", "random")]
+    return fixed + [Policy(f"entropy gate tau {t:g}", "entropy", t) for t in taus]
+
+
+@dataclass
+class Trace:
+    """One decoded row: its tokens, and per position the classification facts and whether the policy substituted."""
+    tokens: list[int] = field(default_factory=list)
+    kinds: list[int] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    touched: list[bool] = field(default_factory=list)
+
+
+class PairStepper(Protocol):
+    def start(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill the prompts; (base, teacher) next-token logits, each (B, V)."""
+
+    def advance(self, keep: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keep only rows `keep` (indices into the live rows), append `tokens` (one per kept row); the next logits."""
+
+
+def position_facts(base: np.ndarray, teacher: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row of (B, V) logits: base argmax, teacher argmax, base rank of the teacher's argmax, base entropy, kind."""
+    base = base.astype(np.float64)
+    b_arg, t_arg = base.argmax(-1), teacher.argmax(-1)
+    t_logit = base[np.arange(len(base)), t_arg]
+    rank = 1 + (base > t_logit[:, None]).sum(-1)
+    z = base - base.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    entropy = -(np.exp(logp) * logp).sum(-1)
+    kind = np.where(b_arg == t_arg, UNSHIFTED, np.where(rank <= TOP_K, RERANKED, SHIFTED))
+    return {"base": b_arg, "teacher": t_arg, "rank": np.where(b_arg == t_arg, 1, rank), "entropy": entropy, "kind": kind}
+
+
+def choose(policy: Policy, facts: dict[str, np.ndarray], i: int, base_row: np.ndarray, rng: np.random.Generator) -> tuple[int, bool]:
+    """The token policy `policy` picks for row i, and whether it substituted the base's argmax."""
+    b, t, kind = int(facts["base"][i]), int(facts["teacher"][i]), int(facts["kind"][i])
+    if policy.kind == "teacher":
+        return t, t != b
+    if policy.kind == "oracle" and kind == RERANKED:
+        return t, True
+    if policy.kind == "random" and kind == RERANKED:
+        top = np.argsort(-base_row, kind="stable")[:CONTROL_TOP]
+        return int(rng.choice(top[top != b])), True
+    if policy.kind == "entropy" and facts["entropy"][i] > policy.tau:
+        return t, True
+    return b, False
+
+
+def guided_decode(stepper: PairStepper, prompts: list[list[int]], policies: list[Policy], max_tokens: int,
+                  eos_ids: list[int], seed: int = 0, batch_size: int = 64) -> list[list[Trace]]:
+    """traces[p][j]: prompt p decoded greedily under policy j (EOS ends a row and is not kept)."""
+    rows = [(p, j) for p in range(len(prompts)) for j in range(len(policies))]
+    traces = [[Trace() for _ in policies] for _ in prompts]
+    eos = set(eos_ids)
+    for start in range(0, len(rows), batch_size):
+        live = rows[start : start + batch_size]
+        rngs = {r: np.random.default_rng([seed, r[0]]) for r in live}  # same draws whatever the batching
+        base, teacher = stepper.start([prompts[p] for p, _ in live])
+        for step in range(max_tokens):
+            facts = position_facts(base, teacher)
+            keep, picked = [], []
+            for i, (p, j) in enumerate(live):
+                token, touched = choose(policies[j], facts, i, base[i], rngs[(p, j)])
+                tr = traces[p][j]
+                tr.kinds.append(int(facts["kind"][i]))
+                tr.ranks.append(int(facts["rank"][i]))
+                tr.entropies.append(float(facts["entropy"][i]))
+                tr.touched.append(touched)
+                if token in eos:
+                    continue
+                tr.tokens.append(token)
+                keep.append(i)
+                picked.append(token)
+            live = [live[i] for i in keep]
+            if not live or step + 1 == max_tokens:
+                break
+            base, teacher = stepper.advance(np.asarray(keep), np.asarray(picked))
+    return traces
+
+
+def classification(traces: list[Trace]) -> dict:
+    """Section 3.1 over the base's own greedy completions: shares, ranks, entropy at changed vs unchanged positions."""
+    kinds = np.array([k for t in traces for k in t.kinds], dtype=int)
+    ranks = np.array([r for t in traces for r in t.ranks], dtype=int)
+    ent = np.array([h for t in traces for h in t.entropies], dtype=float)
+    n = max(kinds.size, 1)
+    changed = kinds != UNSHIFTED
+    edges = [(2, 2), (3, 3), (4, 4), (5, 5), (6, 10), (11, 20), (21, 1 << 30)]
+    hist = {name: int(((ranks >= lo) & (ranks <= hi) & changed).sum()) for name, (lo, hi) in zip(RANK_BUCKETS, edges)}
+    h_changed = float(ent[changed].mean()) if changed.any() else float("nan")
+    h_same = float(ent[~changed].mean()) if (~changed).any() else float("nan")
+    return {"positions": int(kinds.size), "reranked": float((kinds == RERANKED).sum() / n),
+            "shifted": float((kinds == SHIFTED).sum() / n), "changed": int(changed.sum()),
+            "mean_base_rank": float(ranks[changed].mean()) if changed.any() else float("nan"), "rank_histogram": hist,
+            "entropy_changed": h_changed, "entropy_unchanged": h_same,
+            "entropy_ratio": h_changed / h_same if changed.any() and h_same > 0 else float("nan")}
+
+
+def mean_se(xs) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    if a.size == 0:
+        return float("nan"), 0.0
+    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else 0.0
+
+
+def policy_rows(traces: list[list[Trace]], policies: list[Policy], correct: Callable[[int, list[int]], bool]) -> list[dict]:
+    """Per policy: accuracy ± SE, paired difference vs base, share of tokens touched (substituted)."""
+    scores = np.array([[float(correct(p, traces[p][j].tokens)) for j in range(len(policies))] for p in range(len(traces))])
+    scores = scores.reshape(len(traces), len(policies))
+    base_j = next((j for j, pol in enumerate(policies) if pol.kind == "base"), 0)
+    rows = []
+    for j, pol in enumerate(policies):
+        touched = sum(sum(traces[p][j].touched) for p in range(len(traces)))
+        positions = sum(len(traces[p][j].touched) for p in range(len(traces)))
+        rows.append({"policy": pol.name, "kind": pol.kind, "tau": pol.tau if pol.kind == "entropy" else None,
+                     "accuracy": mean_se(scores[:, j]), "vs_base": mean_se(scores[:, j] - scores[:, base_j]),
+                     "touched": touched / max(positions, 1), "tokens": positions, "per_problem": scores[:, j].tolist()})
+    return rows
