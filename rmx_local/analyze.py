@@ -88,7 +88,8 @@ def choose(policy: Policy, facts: dict[str, np.ndarray], i: int, base_row: np.nd
 
 
 def guided_decode(stepper: PairStepper, prompts: list[list[int]], policies: list[Policy], max_tokens: int,
-                  eos_ids: list[int], seed: int = 0, batch_size: int = 64) -> list[list[Trace]]:
+                  eos_ids: list[int], seed: int = 0, batch_size: int = 64,
+                  progress: Callable[[int], None] | None = None) -> list[list[Trace]]:
     """traces[p][j]: prompt p decoded greedily under policy j (EOS ends a row and is not kept)."""
     rows = [(p, j) for p in range(len(prompts)) for j in range(len(policies))]
     traces = [[Trace() for _ in policies] for _ in prompts]
@@ -116,6 +117,8 @@ def guided_decode(stepper: PairStepper, prompts: list[list[int]], policies: list
             if not live or step + 1 == max_tokens:
                 break
             base, teacher = stepper.advance(np.asarray(keep), np.asarray(picked))
+        if progress:
+            progress(min(batch_size, len(rows) - start))
     return traces
 
 
@@ -144,10 +147,11 @@ def mean_se(xs) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else 0.0
 
 
-def policy_rows(traces: list[list[Trace]], policies: list[Policy], correct: Callable[[int, list[int]], bool]) -> list[dict]:
-    """Per policy: accuracy ± SE, paired difference vs base, share of tokens touched (substituted)."""
-    scores = np.array([[float(correct(p, traces[p][j].tokens)) for j in range(len(policies))] for p in range(len(traces))])
-    scores = scores.reshape(len(traces), len(policies))
+def policy_rows(traces: list[list[Trace]], policies: list[Policy], correct: np.ndarray) -> list[dict]:
+    """Per policy: accuracy ± SE, paired difference vs base, share of tokens touched (substituted).
+
+    `correct[p, j]`: whether prompt p's completion under policy j is right."""
+    scores = np.asarray(correct, dtype=np.float64).reshape(len(traces), len(policies))
     base_j = next((j for j, pol in enumerate(policies) if pol.kind == "base"), 0)
     rows = []
     for j, pol in enumerate(policies):
@@ -157,3 +161,104 @@ def policy_rows(traces: list[list[Trace]], policies: list[Policy], correct: Call
                      "accuracy": mean_se(scores[:, j]), "vs_base": mean_se(scores[:, j] - scores[:, base_j]),
                      "touched": touched / max(positions, 1), "tokens": positions, "per_problem": scores[:, j].tolist()})
     return rows
+
+
+# ---------------------------------------------------------------- the command: load, decode, table / JSON
+
+DEFAULT_TAUS = (0.8, 1.2, 2.0, 3.0)  # around the paper's 1.2; the run's own tau is added when TEACHER is a run
+
+
+def load_spec_problems(spec: str, limit: int | None, seed: int):
+    """`arith:DIFFICULTY` (the last `limit` problems of the seeded space: a run's held-out split) or a JSONL file."""
+    from rmx_local.errors import RmxError
+    from rmx_local.tasks import arith_problems, arith_space_size, load_jsonl
+
+    if spec.startswith("arith:"):
+        difficulty = spec.split(":", 1)[1]
+        space = arith_space_size(difficulty)
+        n = min(limit or 200, space)
+        return arith_problems(difficulty, n, seed, offset=space - n)
+    if not spec.endswith((".jsonl", ".json")):
+        raise RmxError(f"--data {spec!r}: not arith:DIFFICULTY or a .jsonl file", fix="e.g. --data arith:single or --data problems.jsonl")
+    return load_jsonl(spec)[:limit]
+
+
+def run_settings(teacher: str) -> dict:
+    """Prompt template, instruction, max tokens and gate tau of the run that trained TEACHER (defaults otherwise)."""
+    from pathlib import Path
+
+    from rmx_local.io import read_json
+    from rmx_local.recipe import load_recipe
+
+    run = Path(teacher)
+    if not (run / "recipe.toml").is_file():
+        from rmx_local.recipe import Recipe
+
+        r = Recipe()
+        return {"template": r.task.template, "instruction": r.task.instruction, "max_tokens": 256, "tau": None}
+    r = load_recipe(run / "recipe.toml")
+    tau = read_json(run / "summary.json")["tau"] if (run / "summary.json").is_file() else None
+    return {"template": r.task.template, "instruction": r.task.instruction, "max_tokens": r.eval.max_tokens, "tau": tau}
+
+
+def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: list[float] | None = None,
+            max_tokens: int | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0, ui=None) -> dict:
+    """Everything `rmx-local analyze` prints, as one JSON-able dict."""
+    from rmx_local.analyze_torch import load_pair
+    from rmx_local.tasks import build_prompt
+    from rmx_local.ui import UI
+    from rmx_local.verify import verify_many
+
+    ui = ui or UI()
+    settings = run_settings(teacher)
+    problems = load_spec_problems(data, limit, seed)
+    stepper, tokenizer, eos_ids, what = load_pair(base, teacher, device, ui.line)
+    template = settings["template"]
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+    prompts = [tokenizer(build_prompt(tokenizer, p.question, template, settings["instruction"]),
+                         add_special_tokens=(template == "raw")).input_ids for p in problems]
+    sweep = sorted(set(taus or DEFAULT_TAUS) | ({round(settings["tau"], 3)} if settings["tau"] else set()))
+    policies = default_policies(sweep)
+    max_tokens = max_tokens or settings["max_tokens"]
+    ui.line(f"analyze: {what}; {len(problems)} problems from {data}, {len(policies)} greedy decodes each, <= {max_tokens} tokens")
+    with ui.stage("analyze", len(problems) * len(policies), "decodes") as bar:
+        traces = guided_decode(stepper, prompts, policies, max_tokens, eos_ids, seed, batch_size, progress=bar.advance)
+    texts = [[tokenizer.decode(traces[p][j].tokens, skip_special_tokens=True) for j in range(len(policies))]
+             for p in range(len(problems))]
+    verdicts = verify_many([t for row in texts for t in row], [p.answer for p in problems for _ in policies])
+    right = np.array([v.correct for v in verdicts]).reshape(len(problems), len(policies))
+    rows = policy_rows(traces, policies, right)
+    return {"base": base, "teacher": teacher, "pair": what, "data": data, "problems": len(problems),
+            "max_tokens": max_tokens, "run_tau": settings["tau"], "seed": seed,
+            "classification": classification([traces[p][0] for p in range(len(problems))]), "policies": rows}
+
+
+PAPER = {"reranked": "1.0-4.1%", "shifted": "0", "rank": "2.14-2.39", "ratio": "5-12x", "teacher": "",
+         "oracle": "= teacher's pass@1", "random": "far below oracle", "entropy": "tau 1.2: touches 1.2-8.3%"}
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    """The paper's layout: where the pair differs, then accuracy under each intervention (one row each)."""
+    c = result["classification"]
+    hist = " ".join(f"{k}:{v}" for k, v in c["rank_histogram"].items())
+    rows = [["reranked positions (teacher's token in base top 5)", f"{c['reranked']:.2%}", "", "", PAPER["reranked"]],
+            ["shifted positions (outside base top 5)", f"{c['shifted']:.2%}", "", "", PAPER["shifted"]],
+            ["mean base rank of the teacher's token (changed)", f"{c['mean_base_rank']:.2f}", "", "", PAPER["rank"]],
+            ["  base-rank histogram", hist, "", "", ""],
+            ["base entropy changed / unchanged", f"{c['entropy_changed']:.2f} / {c['entropy_unchanged']:.2f} nats "
+             f"({c['entropy_ratio']:.1f}x)", "", "", PAPER["ratio"]],
+            [f"greedy positions on the base's completions", f"{c['positions']:,}", "", "", ""]]
+    for r in result["policies"]:
+        acc, d = r["accuracy"], r["vs_base"]
+        vs = "" if r["kind"] == "base" else f"{d[0]:+.3f} ± {d[1]:.3f}" + (f" ({d[0] / d[1]:+.1f} SE)" if d[1] > 0 else "")
+        touched = "" if r["kind"] == "base" else f"{r['touched']:.2%}"
+        tau = r["tau"]
+        name = r["policy"] + (" (the run's gate)" if tau is not None and result["run_tau"] and abs(tau - result["run_tau"]) < 1e-3 else "")
+        rows.append([f"accuracy: {name}", f"{acc[0]:.3f} ± {acc[1]:.3f}", vs, touched, PAPER.get(r["kind"], "")])
+    return rows
+
+
+def print_analysis(result: dict, ui) -> None:
+    ui.table(f"{result['pair']}: {result['problems']} problems from {result['data']}, greedy",
+             ["measure", "value", "vs base (paired)", "tokens touched", "paper (Qwen2.5, RL-tuned)"], table_rows(result))

@@ -112,6 +112,7 @@ class Recipe:
     run_dir: str = "runs/default"
     trust_remote_code: bool = False
     threads: int = 0  # torch CPU threads (0 = all cores)
+    report: bool = True  # write RUN/report/index.html at the end of `rmx-local run` (skipped when matplotlib is missing)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     select: SelectConfig = field(default_factory=SelectConfig)

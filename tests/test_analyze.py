@@ -100,7 +100,8 @@ def test_tokens_touched(traces):
     assert touched["oracle"] == [2, 0]
     assert touched["gate 1.0"] == [3, 1]  # states 3, 6, 10 / state 10 (its substitution equals the base's token)
     assert touched["teacher"] == [3, 1]  # reranked 3, 6 and shifted 11 / shifted 9
-    rows = policy_rows(traces, POLICIES, lambda p, toks: toks[2] == 5 if p == 0 else 17 in toks)
+    right = [[(t.tokens[2] == 5) if p == 0 else (17 in t.tokens) for t in traces[p]] for p in range(2)]
+    rows = policy_rows(traces, POLICIES, np.array(right))
     by = {r["policy"]: r for r in rows}
     assert by["oracle"]["touched"] == pytest.approx(2 / (8 + 6))  # 8 positions (7 tokens + EOS), 6 on prompt 2
     assert by["base"]["accuracy"] == (0.0, 0.0) and by["teacher"]["accuracy"][0] == 1.0
@@ -141,3 +142,38 @@ def test_classification_on_the_base_completions(traces):
 def test_max_tokens_bounds_every_row():
     out = guided_decode(TableStepper(), [[1]], POLICIES[:1], max_tokens=4, eos_ids=[EOS])
     assert out[0][0].tokens == [2, 3, 4, 5]
+
+
+def test_torch_stepper_matches_full_forwards_with_the_adapter_off_and_on(torch_backend):
+    """Cached, batched, row-retiring logits equal a plain forward of each whole prefix, adapter off (base) / on."""
+    import contextlib
+
+    import torch
+
+    from rmx_local.analyze_torch import TorchPairStepper
+
+    b = torch_backend
+    b.init_lora(4, 8, 0.0, ["q_proj", "v_proj"], seed=0)
+    with torch.no_grad():
+        for name, p in b.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero correction, so off and on differ
+    m = b.model
+    stepper = TorchPairStepper([(m, m.disable_adapter), (m, contextlib.nullcontext)], b.pad_id, "cpu")
+    prompts = [[5, 6, 7, 8], [9, 10], [5, 6, 7, 8]]
+
+    def full(seq, adapter_on):
+        with torch.inference_mode(), (contextlib.nullcontext() if adapter_on else m.disable_adapter()):
+            return m(input_ids=torch.tensor([seq])).logits[0, -1].float().numpy()
+
+    base, teacher = stepper.start(prompts)
+    seqs = [list(p) for p in prompts]
+    assert not np.allclose(base[0], teacher[0], atol=1e-3)
+    for step, keep in enumerate([[0, 1, 2], [0, 2], [1]]):  # retire row 1, then the first live row
+        for i, s in enumerate(seqs):
+            np.testing.assert_allclose(base[i], full(s, False), atol=1e-4)
+            np.testing.assert_allclose(teacher[i], full(s, True), atol=1e-4)
+        seqs = [seqs[i] for i in keep]
+        new = [20 + step + i for i in range(len(keep))]
+        seqs = [s + [t] for s, t in zip(seqs, new)]
+        base, teacher = stepper.advance(np.array(keep), np.array(new))
