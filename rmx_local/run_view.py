@@ -23,6 +23,14 @@ def _device(recipe: Recipe) -> str:
         return "auto"
 
 
+def _number(x: float) -> str:
+    """1e-4 and 2.5e-4 rather than 0.0001 and 0.00025."""
+    if x == 0 or abs(x) >= 1e-3:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 def _short_targets(targets: list[str]) -> str:
     return ",".join(t.removesuffix("_proj") for t in targets)
 
@@ -31,7 +39,7 @@ def header_rows(recipe: Recipe) -> list[tuple[str, str]]:
     """(label, value) rows: model, backend and device, task and sizes, rollouts, gate, LoRA, run folder."""
     t, r, g, tr = recipe.task, recipe.rollout, recipe.gate, recipe.train
     task = f"arith:{t.difficulty}" if t.name == "arith" else t.path
-    gate = (f"top {g.fraction:.0%} of completion tokens by base entropy (tau chosen to fit)" if g.mode == "fraction"
+    gate = (f"the {g.fraction:.0%} most uncertain completion tokens" if g.mode == "fraction"
             else f"base entropy > tau {g.tau}")
     if tr.random_gate:
         gate += " · control: random positions"
@@ -40,10 +48,10 @@ def header_rows(recipe: Recipe) -> list[tuple[str, str]]:
         ("model", recipe.model),
         ("backend", f"{recipe.backend} on {_device(recipe)}" + (f" ({recipe.dtype})" if recipe.dtype != "auto" else "")),
         ("task", f"{task} · {t.train_size} train, {t.val_size} val, {t.eval_size} eval problems"),
-        ("rollouts", f"K = {r.n} per problem · T {r.temperature} · top-p {r.top_p} · <= {r.max_tokens} tokens · engine {r.engine}"),
+        ("rollouts", f"K = {r.n} per problem · T {r.temperature} · top-p {r.top_p} · <= {r.max_tokens} tokens ({r.engine})"),
         ("gate", gate),
-        ("LoRA", f"r{tr.lora_rank} alpha {tr.lora_alpha:g} on {_short_targets(tr.targets)} · lr {tr.lr:g} · {epochs}"),
-        ("run folder", f"{recipe.run_dir}  (full recipe: {Path(recipe.run_dir) / 'recipe.toml'})"),
+        ("LoRA", f"rank {tr.lora_rank}, alpha {tr.lora_alpha:g} on {_short_targets(tr.targets)} · lr {_number(tr.lr)} · {epochs}"),
+        ("run folder", f"{recipe.run_dir}  (full recipe in recipe.toml there)"),
     ]
 
 

@@ -45,3 +45,23 @@ def torch_backend(tokenizer):
     from rmx_local.backends.torch_backend import TorchBackend
 
     return TorchBackend(tiny_llama(len(tokenizer)), tokenizer, "cpu", batch_size=8, model_name="tiny")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished pipeline run on a tiny random model (3 problems x 2 rollouts; alternate rollouts graded right)."""
+    from test_pipeline import alternate, recipe
+
+    import rmx_local.stages.select as select_stage
+    from rmx_local.pipeline import run_pipeline
+    from rmx_local.ui import UI
+
+    model_dir = tmp_path_factory.mktemp("tiny-model")
+    tok = char_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    run = tmp_path_factory.mktemp("run") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(select_stage, "verify_many", alternate)
+        run_pipeline(recipe(model_dir, run, "task.train_size=3", "rollout.n=2"), UI(rich=False))
+    return run
