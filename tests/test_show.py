@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import numpy as np
 from click.testing import CliRunner
@@ -52,3 +53,15 @@ def test_next_steps_name_the_adapter_report_and_commands(tmp_path):
     assert rows["report"].endswith("report/index.html")
     assert rows["compare"] == f"rmx-local chat {tmp_path / 'run'} --compare"
     assert rows["export"].startswith("rmx-local export")
+
+
+def test_run_prints_a_header_then_the_report_path_and_next_commands(finished_run):
+    """Rerunning a finished run (every stage cached, no model loaded) shows what a person sees at both ends."""
+    result = CliRunner().invoke(main, ["run", str(finished_run / "recipe.toml"), "--plain"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "kl_coef" not in out and "[train]" not in out  # no 90-line recipe dump
+    assert "task        arith:single · 3 train, 0 val, 3 eval problems" in out
+    assert re.search(rf"^report +{re.escape(str(finished_run / 'report' / 'index.html'))}$", out, re.M)
+    assert f"rmx-local chat {finished_run} --compare" in out and f"rmx-local export {finished_run}" in out
+    assert (finished_run / "report" / "index.html").is_file()
