@@ -197,7 +197,7 @@ def run_settings(teacher: str) -> dict:
         r = Recipe()
         return {"template": r.task.template, "instruction": r.task.instruction, "max_tokens": 256, "tau": None}
     r = load_recipe(run / "recipe.toml")
-    tau = read_json(run / "summary.json")["tau"] if (run / "summary.json").is_file() else None
+    tau = read_json(run / "gate.json")["tau"] if (run / "gate.json").is_file() else None
     return {"template": r.task.template, "instruction": r.task.instruction, "max_tokens": r.eval.max_tokens, "tau": tau}
 
 
