@@ -34,20 +34,23 @@ th{background:#f6f6f6} td.num{text-align:right;font-variant-numeric:tabular-nums
 .cards{display:flex;gap:12px;flex-wrap:wrap} .card{border:1px solid #ddd;border-radius:8px;padding:8px 14px;min-width:150px}
 .card b{font-size:20px;display:block}
 .rollout{font:14px/1.9 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;border:1px solid #ddd;border-radius:6px;padding:8px 10px;background:#fcfcfc}
-.tok{border-radius:3px} .gate{outline:2px solid #c8443a;font-weight:bold}
+.tok{border-radius:2px;padding:1px 0} .gate{border-bottom:3px solid #c8443a;font-weight:bold}
 .prompt{color:#666;font-size:14px} .good{color:#3a9a5b} .bad{color:#c8443a}
 """
 
 
 def run_tokenizer(run_dir: Path):
-    """The run's tokenizer (transformers), loaded from the model named in RUN/recipe.toml."""
+    """The run's tokenizer (transformers), from the model its summary names (the recipe is read loosely, so a
+    folder written by another version of rmx-local still renders)."""
+    import tomllib
+
     from transformers import AutoTokenizer
 
     from rmx_local.models import resolve_model
-    from rmx_local.recipe import load_recipe
 
-    recipe = load_recipe(run_dir / "recipe.toml")
-    return AutoTokenizer.from_pretrained(resolve_model(recipe.model).hf_path, trust_remote_code=recipe.trust_remote_code)
+    model = require_finished(run_dir)["model"]
+    recipe = tomllib.loads((run_dir / "recipe.toml").read_text()) if (run_dir / "recipe.toml").is_file() else {}
+    return AutoTokenizer.from_pretrained(resolve_model(model).hf_path, trust_remote_code=bool(recipe.get("trust_remote_code")))
 
 
 def require_finished(run_dir: Path) -> dict:
@@ -152,22 +155,24 @@ def flips(run_dir: Path, base: dict, adapted: dict) -> dict[str, list[dict]]:
     """Held-out problems whose greedy answer went wrong -> right and right -> wrong."""
     problems = read_json(run_dir / "problems.json").get("eval", [])
     b, a = base["greedy"]["per_problem"], adapted["greedy"]["per_problem"]
-    out: dict[str, list[dict]] = {"wrong -> right": [], "right -> wrong": []}
+    out: dict[str, list[dict]] = {"wrong → right": [], "right → wrong": []}
     for p, x, y in zip(problems, b, a):
         if x < 0.5 <= y:
-            out["wrong -> right"].append(p)
+            out["wrong → right"].append(p)
         elif y < 0.5 <= x:
-            out["right -> wrong"].append(p)
+            out["right → wrong"].append(p)
     return out
 
 
 def pick_examples(seqs: list[dict], tau: float, n: int = 3) -> list[dict]:
-    """A right rollout, a wrong one and the one with the most decision points, from different problems."""
+    """A right rollout, a wrong one and one more, from different problems: each of a typical length (closest to the
+    75th percentile), with decision points where possible (a runaway rollout explains little, a 3-token one too)."""
+    typical = float(np.percentile([len(s["completion_ids"]) for s in seqs], 75)) if seqs else 0.0
     chosen: list[dict] = []
     for want in (lambda s: s["reward"] > 0, lambda s: s["reward"] <= 0, lambda s: True):
         pool = [s for s in seqs if want(s) and s["id"] not in {c["id"] for c in chosen}]
         if pool and len(chosen) < n:
-            chosen.append(max(pool, key=lambda s: (int((s["H"] > tau).sum()), -len(s["completion_ids"]))))
+            chosen.append(min(pool, key=lambda s: (not (s["H"] > tau).any(), abs(len(s["completion_ids"]) - typical))))
     return chosen
 
 
@@ -176,7 +181,7 @@ def _entropy_colour(h: float, top: float) -> str:
     return f"rgba(224,138,44,{min(h / max(top, 1e-6), 1.0) * 0.85:.2f})"
 
 
-def rollout_html(seq: dict, tau: float, tokenizer, top: float) -> str:
+def rollout_html(seq: dict, tau: float, tokenizer, top: float, question: str = "") -> str:
     spans = []
     for tok, h in zip(seq["completion_ids"], seq["H"]):
         text = html.escape(tokenizer.decode([tok])).replace("\n", "↵\n")
@@ -184,9 +189,10 @@ def rollout_html(seq: dict, tau: float, tokenizer, top: float) -> str:
         spans.append(f'<span class="{cls}" style="background:{_entropy_colour(float(h), top)}" title="H = {h:.2f} nats">{text}</span>')
     verdict = '<span class="good">right</span>' if seq["reward"] > 0 else '<span class="bad">wrong</span>'
     gated = int((seq["H"] > tau).sum())
+    asked = f'<p class="prompt">{html.escape(question)}</p>' if question else ""
     return (f'<p class="note">problem <code>{html.escape(seq["id"])}</code> · rollout {seq["k"]} · {verdict} · advantage '
             f'{seq["advantage"]:+.2f} · {gated} of {len(seq["completion_ids"])} tokens are decision points</p>'
-            f'<div class="rollout">{"".join(spans)}</div>')
+            f'{asked}<div class="rollout">{"".join(spans)}</div>')
 
 
 def _img(name: str, png: bytes, alt: str) -> str:
@@ -259,8 +265,9 @@ def render_page(run_dir, summary, images, seqs, tau, paper_tau, stats, rows, tok
                   "term; the policy term is advantage-weighted cross-entropy on decision points, so it is negative when wrong "
                   "rollouts dominate a step.</p>", _img("training.png", images["training.png"], "training curves")]
     parts += ["<h2>Example rollouts</h2>", '<p class="note">Background: base entropy (darker = less certain; hover for the '
-              "value). Outlined: decision points (entropy above tau).</p>"]
-    parts += [rollout_html(seq, tau, tokenizer, top) for seq in pick_examples(seqs, tau)]
+              "value). Underlined in red, bold: decision points (entropy above tau).</p>"]
+    questions = {p["id"]: f'{p["question"]} (gold answer {p["answer"]})' for p in read_json(run_dir / "problems.json").get("train", [])}
+    parts += [rollout_html(seq, tau, tokenizer, top, questions.get(seq["id"], "")) for seq in pick_examples(seqs, tau)]
     parts.append(f'<p class="note">Files: {", ".join(images)} beside this page; the numbers in summary.json, gate.json, '
                  "train/*/log.jsonl and eval/ of the run folder.</p>")
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>rmx-local report: {html.escape(run_dir.name)}</title>'
@@ -274,8 +281,8 @@ def _flip_section(run_dir: Path, summary: dict) -> list[str]:
     f = flips(run_dir, base, adapted)
     n = len(base["greedy"]["per_problem"])
     parts = ["<h2>Which held-out problems flipped</h2>",
-             f'<p class="note">Greedy answers on the {n} held-out problems: <b class="good">{len(f["wrong -> right"])} '
-             f'wrong → right</b>, <b class="bad">{len(f["right -> wrong"])} right → wrong</b>; the rest kept their '
+             f'<p class="note">Greedy answers on the {n} held-out problems: <b class="good">{len(f["wrong → right"])} '
+             f'wrong → right</b>, <b class="bad">{len(f["right → wrong"])} right → wrong</b>; the rest kept their '
              "verdict.</p><table><tr><th>flip</th><th>examples (question → gold answer)</th></tr>"]
     for name, items in f.items():
         shown = "; ".join(f"{html.escape(p['question'])} → {html.escape(str(p['answer']))}" for p in items[:6])
