@@ -6,8 +6,9 @@ decision points fall (position in the completion, kind of token); the training c
 with ±1 SE for every evaluation the folder holds (the run's own `eval/`, and any `summary.json` under `RUN/eval*/`,
 e.g. saved there by `rmx-local eval --out`); the held-out problems that flipped; three example rollouts with their
 decision points highlighted. Images are embedded as base64 so the page can be mailed or attached as one file.
-Shortcut: the generic reader of other `summary.json` files takes any `[mean, se]` pair (or {mean, se}) it finds
-under a metric name, the target named `base` as the base.
+An `rmx-local eval --out` summary gives one bar pair per data set, runtime and target (against `base`, else the
+first target). Shortcut: any other `summary.json` is read generically: every `[mean, se]` pair (or {mean, se})
+under a metric name, the one under a key `base` as the base.
 """
 
 from __future__ import annotations
@@ -125,6 +126,21 @@ def _pairs(node, path: tuple[str, ...] = ()):
         yield path, float(node[0]), float(node[1])
 
 
+def _eval_summary_rows(data: dict, folder: str) -> list[dict]:
+    """Rows from an `rmx-local eval --out` summary: per data set and runtime, each target against `base` (or the first)."""
+    rows = []
+    for entry in data["data"]:
+        for runtime, results in entry.get("results", {}).items():
+            labels = list(results)
+            ref = "base" if "base" in results else labels[0]
+            for label in labels:
+                if label != ref:
+                    r, b = results[label], results[ref]
+                    rows.append({"label": f"{folder}: {entry.get('spec', '?')}\n{Path(label).name} [{runtime}]",
+                                 "base": (b["accuracy"], b["se"]), "adapted": (r["accuracy"], r["se"])})
+    return rows
+
+
 def external_evals(run_dir: Path) -> list[dict]:
     """Rows {label, base, adapted} from every summary.json under RUN/eval*/ (e.g. `rmx-local eval --out`)."""
     rows = []
@@ -133,6 +149,10 @@ def external_evals(run_dir: Path) -> list[dict]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        folder = path.parent.relative_to(run_dir).as_posix()
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            rows += _eval_summary_rows(data, folder)
+            continue
         found: dict[str, dict[str, tuple[float, float]]] = {}
         for keys, mean, se in _pairs(data):
             if not keys or any(k in ("delta", "diff", "difference", "paired") for k in keys) or not 0 <= mean <= 1:
@@ -140,7 +160,6 @@ def external_evals(run_dir: Path) -> list[dict]:
             role = "base" if "base" in keys else "adapted"
             metric = next((k for k in reversed(keys) if k not in ("base", "adapted") and not k.isdigit()), "accuracy")
             found.setdefault(metric, {}).setdefault(role, (mean, se))
-        folder = path.parent.relative_to(run_dir).as_posix()
         rows += [{"label": f"{folder}\n{metric}", **roles} for metric, roles in found.items()]
     return rows
 

@@ -45,3 +45,15 @@ def test_external_eval_summaries_are_read_generically(tmp_path):
 def test_token_kinds():
     assert [token_kind(t, i) for i, t in enumerate(["The", " 7", " +", "=", " answer", "."])] == \
         ["first token", "digit", "operator", "operator", "word", "other"]
+
+
+def test_eval_out_summaries_give_one_pair_per_data_set_runtime_and_target(tmp_path):
+    """The layout `rmx-local eval --out` writes: data[].results[runtime][target] = {accuracy, se, ...}."""
+    (tmp_path / "eval-words").mkdir()
+    result = lambda acc, se: {"accuracy": acc, "se": se, "problems": 40, "unparseable": 0.0}  # noqa: E731
+    (tmp_path / "eval-words" / "summary.json").write_text(json.dumps({"data": [
+        {"spec": "words.jsonl", "results": {"torch": {"base": result(0.1, 0.04), "runs/q": result(0.2, 0.05)},
+                                            "llama_cpp": {"base": result(0.1, 0.04), "runs/q": result(0.15, 0.05)}}}]}))
+    rows = external_evals(tmp_path)
+    assert [r["label"] for r in rows] == ["eval-words: words.jsonl\nq [torch]", "eval-words: words.jsonl\nq [llama_cpp]"]
+    assert rows[0]["base"] == (0.1, 0.04) and rows[0]["adapted"] == (0.2, 0.05) and rows[1]["adapted"] == (0.15, 0.05)
