@@ -89,5 +89,6 @@ def show_run(run_dir: str | Path, example: int | None = None, console: Console |
         console.print("decision points in [brackets]", markup=False, highlight=False)
     console.print(f"\nbase entropy of all {flat.size} completion tokens (nats):", markup=False, highlight=False)
     for line in histogram_lines(flat, {"tau": tau, "paper's tau": paper_tau}):
-        console.print(line, markup=False, highlight=False)
+        style = "bold red" if "── tau" in line else "yellow" if "── paper's" in line else None
+        console.print(line, style=style, markup=False, highlight=False)
     return seq
