@@ -35,6 +35,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg))
 
 
+def save_tiny_model(folder):
+    """A tiny random llama and the character tokenizer saved as a transformers model folder; returns the folder."""
+    tok = char_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()
@@ -56,10 +64,7 @@ def finished_run(tmp_path_factory):
     from rmx_local.pipeline import run_pipeline
     from rmx_local.ui import UI
 
-    model_dir = tmp_path_factory.mktemp("tiny-model")
-    tok = char_tokenizer()
-    tiny_llama(len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
     run = tmp_path_factory.mktemp("run") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(select_stage, "verify_many", alternate)
