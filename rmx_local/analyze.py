@@ -202,8 +202,10 @@ def run_settings(teacher: str) -> dict:
 
 
 def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: list[float] | None = None,
-            max_tokens: int | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0, ui=None) -> dict:
-    """Everything `rmx-local analyze` prints, as one JSON-able dict."""
+            max_tokens: int | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0, ui=None,
+            template: str | None = None, instruction: str | None = None) -> dict:
+    """Everything `rmx-local analyze` prints, as one JSON-able dict. `template` / `instruction` override the
+    teacher run's prompt (or the defaults, for a teacher that is not a run)."""
     from rmx_local.analyze_torch import load_pair
     from rmx_local.tasks import build_prompt
     from rmx_local.ui import UI
@@ -211,6 +213,8 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
 
     ui = ui or UI()
     settings = run_settings(teacher)
+    settings["template"] = template or settings["template"]
+    settings["instruction"] = settings["instruction"] if instruction is None else instruction
     problems = load_spec_problems(data, limit, seed)
     stepper, tokenizer, eos_ids, what = load_pair(base, teacher, device, ui.line)
     template = settings["template"]
@@ -230,6 +234,7 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
     right = np.array([v.correct for v in verdicts]).reshape(len(problems), len(policies))
     rows = policy_rows(traces, policies, right)
     return {"base": base, "teacher": teacher, "pair": what, "data": data, "problems": len(problems),
+            "prompt": {"template": template, "instruction": settings["instruction"]},
             "max_tokens": max_tokens, "run_tau": settings["tau"], "seed": seed,
             "classification": classification([traces[p][0] for p in range(len(problems))]), "policies": rows}
 

@@ -204,8 +204,10 @@ def show(run_dir: str, example: int | None) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, help="Decoded rows (problem x policy) per batch.")
 @click.option("--seed", default=0, show_default=True, help="Problem subset and the random control's draws.")
+@click.option("--template", type=click.Choice(["auto", "chat", "raw"]), default=None, help="Default: the teacher run's.")
+@click.option("--instruction", default=None, help="Text after the question. Default: the teacher run's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
-def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, seed, as_json) -> None:
+def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, seed, template, instruction, as_json) -> None:
     """The paper's Section-3 analysis of TEACHER (run folder, PEFT adapter, model) against BASE (a model spec)."""
     import contextlib
     import json
@@ -215,7 +217,8 @@ def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, se
 
     ui = UI(rich=False if as_json else None)
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # progress off the JSON
-        result = run_analysis(base, teacher, data, limit, list(taus) or None, max_tokens, device, batch_size, seed, ui)
+        result = run_analysis(base, teacher, data, limit, list(taus) or None, max_tokens, device, batch_size, seed, ui,
+                              template, instruction)
     if as_json:
         for r in result["policies"]:
             r.pop("per_problem")
