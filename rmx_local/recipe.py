@@ -23,10 +23,10 @@ PAPER_GATE_FRACTION = 0.05
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # arith | jsonl
+    name: str = "arith"  # arith | data (`jsonl` is its old name)
     difficulty: str = "single"  # arith only: single | word | two_step
-    path: str = ""  # jsonl only: GSM8K-format ({question, answer "#### N"}) or {problem, answer}
-    eval_path: str = ""  # jsonl only: held-out file (default: split from `path`)
+    path: str = ""  # data only: a file, save_to_disk folder or hub id, any layout `rmx_local.data` detects
+    eval_path: str = ""  # data only: held-out problems, same forms (default: split from `path`)
     template: str = "auto"  # auto (chat if the tokenizer has one) | chat | raw
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # after the question
     train_size: int = 55  # candidate problems for rollouts (arith single has 255 problems: 55 + 200 held out)
@@ -154,7 +154,7 @@ CHOICES = {
     "backend": {"torch", "mlx", "auto"},
     "device": {"auto", "cpu", "cuda", "mps"},
     "dtype": {"auto", "float32", "bfloat16", "float16"},
-    "task.name": {"arith", "jsonl"},
+    "task.name": {"arith", "data", "jsonl"},
     "task.difficulty": {"single", "word", "two_step"},
     "task.template": {"auto", "chat", "raw"},
     "rollout.engine": {"backend", "llama_cpp", "openai", "auto"},
@@ -248,7 +248,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.train.grad_accum > 0 and r.train.batch_size > 0, "train.batch_size and train.grad_accum must be > 0"),
         (r.train.group_size >= 1, "train.group_size must be >= 1 (1 = shuffled sequences)"),
         (r.task.train_size > 0, "task.train_size must be > 0"),
-        (r.task.name != "jsonl" or r.task.path, "task.path is required when task.name = \"jsonl\""),
+        (r.task.name == "arith" or r.task.path, f"task.path is required when task.name = \"{r.task.name}\""),
         (r.eval.n_samples >= 0, "eval.n_samples must be >= 0"),
     ]
     for ok, msg in checks:

@@ -95,6 +95,15 @@ class TorchBackend:
         return [entropy[packed.row[i], packed.index[i][p - 1 :]].cpu().numpy().astype(np.float32)
                 for i, (_, p) in enumerate(sequences)]
 
+    @torch.inference_mode()
+    def kl_from_base(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """KL(base || adapted) (nats) of the distributions predicting each completion token (`rmx-local eval --kl`)."""
+        packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
+        with self._adapter_off():
+            base_logits = packed_logits(self.model, packed)
+        _, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        return [kl[packed.row[i], packed.index[i][p - 1 :]].float().cpu().numpy() for i, (_, p) in enumerate(sequences)]
+
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
         import warnings
