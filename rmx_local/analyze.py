@@ -168,63 +168,48 @@ def policy_rows(traces: list[list[Trace]], policies: list[Policy], correct: np.n
 DEFAULT_TAUS = (0.8, 1.2, 2.0, 3.0)  # around the paper's 1.2; the run's own tau is added when TEACHER is a run
 
 
-def load_spec_problems(spec: str, limit: int | None, seed: int):
-    """`arith:DIFFICULTY` (the last `limit` problems of the seeded space: a run's held-out split) or a JSONL file."""
-    from rmx_local.errors import RmxError
-    from rmx_local.tasks import arith_problems, arith_space_size, load_jsonl
-
-    if spec.startswith("arith:"):
-        difficulty = spec.split(":", 1)[1]
-        space = arith_space_size(difficulty)
-        n = min(limit or 200, space)
-        return arith_problems(difficulty, n, seed, offset=space - n)
-    if not spec.endswith((".jsonl", ".json")):
-        raise RmxError(f"--data {spec!r}: not arith:DIFFICULTY or a .jsonl file", fix="e.g. --data arith:single or --data problems.jsonl")
-    return load_jsonl(spec)[:limit]
-
-
-def run_settings(teacher: str) -> dict:
-    """Prompt template, instruction, max tokens and gate tau of the run that trained TEACHER (defaults otherwise)."""
+def run_tau(target) -> float | None:
+    """The gate tau of the run that trained TEACHER (a run folder), else None."""
     from pathlib import Path
 
     from rmx_local.io import read_json
-    from rmx_local.recipe import load_recipe
 
-    run = Path(teacher)
-    if not (run / "recipe.toml").is_file():
-        from rmx_local.recipe import Recipe
-
-        r = Recipe()
-        return {"template": r.task.template, "instruction": r.task.instruction, "max_tokens": 256, "tau": None}
-    r = load_recipe(run / "recipe.toml")
-    tau = read_json(run / "gate.json")["tau"] if (run / "gate.json").is_file() else None
-    return {"template": r.task.template, "instruction": r.task.instruction, "max_tokens": r.eval.max_tokens, "tau": tau}
+    gate = Path(target.spec) / "gate.json"
+    return float(read_json(gate)["tau"]) if target.kind == "run" and gate.is_file() else None
 
 
 def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: list[float] | None = None,
             max_tokens: int | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0, ui=None,
             template: str | None = None, instruction: str | None = None) -> dict:
-    """Everything `rmx-local analyze` prints, as one JSON-able dict. `template` / `instruction` override the
-    teacher run's prompt (or the defaults, for a teacher that is not a run)."""
+    """Everything `rmx-local analyze` prints, as one JSON-able dict.
+
+    TEACHER is anything `rmx-local eval` takes as a target (`rmx_local.targets`), BASE a model spec or `base` (the
+    teacher's own base model); problems come from `rmx_local.data.load_problems`, prompts follow eval's rule (the
+    teacher run's template and instruction unless overridden), and completions are graded by `verify_many`, the
+    grader of eval's scorer (its decode loop is not used: here every token is chosen by a policy)."""
     from rmx_local.analyze_torch import load_pair
-    from rmx_local.tasks import build_prompt
+    from rmx_local.data import load_problems
+    from rmx_local.eval import DEFAULT_MAX_TOKENS, Prompt
+    from rmx_local.targets import check_fits, resolve_target
+    from rmx_local.tasks import encode_prompts
     from rmx_local.ui import UI
     from rmx_local.verify import verify_many
 
     ui = ui or UI()
-    settings = run_settings(teacher)
-    settings["template"] = template or settings["template"]
-    settings["instruction"] = settings["instruction"] if instruction is None else instruction
-    problems = load_spec_problems(data, limit, seed)
-    stepper, tokenizer, eos_ids, what = load_pair(base, teacher, device, ui.line)
-    template = settings["template"]
-    if template == "auto":
-        template = "chat" if getattr(tokenizer, "chat_template", None) else "raw"
-    prompts = [tokenizer(build_prompt(tokenizer, p.question, template, settings["instruction"]),
-                         add_special_tokens=(template == "raw")).input_ids for p in problems]
-    sweep = sorted(set(taus or DEFAULT_TAUS) | ({round(settings["tau"], 3)} if settings["tau"] else set()))
+    problems = load_problems(data, limit=limit, seed=seed)
+    target = resolve_target(teacher, base=None if base == "base" else base)
+    base = target.base_spec if base == "base" else base
+    if target.adapter is not None:
+        target.base_spec = base
+        check_fits(target)
+    prompt = Prompt(template or target.template or Prompt.template,
+                    instruction if instruction is not None else target.instruction or Prompt.instruction)
+    stepper, tokenizer, eos_ids, what = load_pair(base, target, device, ui.line)
+    _, prompts = encode_prompts(tokenizer, [p.question for p in problems], prompt.template, prompt.instruction)
+    tau = run_tau(target)
+    sweep = sorted(set(taus or DEFAULT_TAUS) | ({round(tau, 3)} if tau else set()))
     policies = default_policies(sweep)
-    max_tokens = max_tokens or settings["max_tokens"]
+    max_tokens = max_tokens or target.max_tokens or DEFAULT_MAX_TOKENS
     ui.line(f"analyze: {what}; {len(problems)} problems from {data}, {len(policies)} greedy decodes each, <= {max_tokens} tokens")
     with ui.stage("analyze", len(problems) * len(policies), "decodes") as bar:
         traces = guided_decode(stepper, prompts, policies, max_tokens, eos_ids, seed, batch_size, progress=bar.advance)
@@ -232,11 +217,11 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
              for p in range(len(problems))]
     verdicts = verify_many([t for row in texts for t in row], [p.answer for p in problems for _ in policies])
     right = np.array([v.correct for v in verdicts]).reshape(len(problems), len(policies))
-    rows = policy_rows(traces, policies, right)
     return {"base": base, "teacher": teacher, "pair": what, "data": data, "problems": len(problems),
-            "prompt": {"template": template, "instruction": settings["instruction"]},
-            "max_tokens": max_tokens, "run_tau": settings["tau"], "seed": seed,
-            "classification": classification([traces[p][0] for p in range(len(problems))]), "policies": rows}
+            "prompt": {"template": prompt.template, "instruction": prompt.instruction},
+            "max_tokens": max_tokens, "run_tau": tau, "seed": seed,
+            "classification": classification([traces[p][0] for p in range(len(problems))]),
+            "policies": policy_rows(traces, policies, right)}
 
 
 PAPER = {"reranked": "1.0-4.1%", "shifted": "0", "rank": "2.14-2.39", "ratio": "5-12x", "base": "", "teacher": "",

@@ -1,4 +1,4 @@
-"""`rmx-local analyze` on PyTorch: the base / teacher pair as a `PairStepper`, and loading the pair from specs.
+"""`rmx-local analyze` on PyTorch: the base / teacher pair as a `PairStepper`, and loading it for a resolved target.
 
 When the teacher is a LoRA adapter of the base (a run folder, a PEFT folder), one model serves both sides: the
 base logits come from a forward with the adapter switched off, the teacher's with it on, each side with its own
@@ -10,7 +10,6 @@ Shortcut: prompts are left-padded with explicit position ids; no shared-preamble
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,46 +67,32 @@ class TorchPairStepper:
         return logits[0], logits[1]
 
 
-def adapter_folder(teacher: str) -> Path | None:
-    """The PEFT adapter folder a TEACHER names: a run folder's adapter/, or a PEFT folder itself; else None."""
-    path = Path(teacher)
-    for folder in (path / "adapter", path):
-        if (folder / "adapter_config.json").is_file():
-            return folder
-    return None
+def load_pair(base_spec: str, target, device: str = "auto", note=lambda s: None):
+    """(stepper, tokenizer, eos ids, description) for BASE and a resolved TEACHER (`rmx_local.targets.Target`).
 
+    An adapter teacher (run, PEFT folder, GGUF adapter read back) shares the base's weights; a model teacher is
+    loaded beside it and must share its vocabulary."""
+    from transformers import AutoModelForCausalLM
 
-def load_pair(base_spec: str, teacher_spec: str, device: str = "auto", note=lambda s: None):
-    """(stepper, tokenizer, eos ids, description). An adapter teacher shares the base's weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rmx_local.adapter import load_peft
-    from rmx_local.backends.torch_backend import TorchBackend, pick_device
+    from rmx_local.backends import load_backend
     from rmx_local.models import resolve_model
+    from rmx_local.recipe import Recipe
 
-    device = pick_device(device)
-    source = resolve_model(base_spec)
-    note(f"loading {source.hf_path} on {device}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.hf_path)
-        model = AutoModelForCausalLM.from_pretrained(source.hf_path, dtype=torch.float32)
-    except OSError as e:
-        raise RmxError(f"analyze: cannot load base model {base_spec!r}: {str(e).splitlines()[0]}",
-                       fix="pass a model spec rmx-local accepts (embedded:..., a folder, a .gguf)") from None
-    backend = TorchBackend(model, tokenizer, device, model_name=base_spec)
-    folder = adapter_folder(teacher_spec)
-    if folder is not None:
-        backend.set_adapter(load_peft(folder))
-        peft_model = backend.model
-        sides = [(peft_model, peft_model.disable_adapter), (peft_model, contextlib.nullcontext)]
-        what = f"adapter {folder} on {base_spec} (one model, adapter off / on)"
+    recipe = Recipe(model=base_spec, backend="torch", device=device, dtype="float32")
+    backend = load_backend(recipe, resolve_model(base_spec), note)
+    if target.adapter is not None:
+        backend.set_adapter(target.adapter)
+        backend.set_adapter_enabled(True)
+        m = backend.model
+        sides = [(m, m.disable_adapter), (m, contextlib.nullcontext)]
+        what = f"{target.spec} ({target.kind} adapter on {base_spec}, one model, adapter off / on)"
     else:
-        tsource = resolve_model(teacher_spec)
-        note(f"loading teacher {tsource.hf_path}")
-        teacher = AutoModelForCausalLM.from_pretrained(tsource.hf_path, dtype=torch.float32).to(device).eval()
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise RmxError(f"analyze: teacher {teacher_spec!r} has a {teacher.config.vocab_size}-token vocabulary, the base "
-                           f"{model.config.vocab_size}", fix="compare two models that share a tokenizer")
+        source = resolve_model(target.base_spec)
+        note(f"loading teacher {source.hf_path}")
+        teacher = AutoModelForCausalLM.from_pretrained(source.hf_path, dtype=torch.float32).to(backend.device).eval()
+        if teacher.config.vocab_size != backend.model.config.vocab_size:
+            raise RmxError(f"analyze: teacher {target.spec!r} has a {teacher.config.vocab_size}-token vocabulary, the base "
+                           f"{backend.model.config.vocab_size}", fix="compare two models that share a tokenizer")
         sides = [(backend.model, contextlib.nullcontext), (teacher, contextlib.nullcontext)]
-        what = f"{teacher_spec} vs {base_spec} (two models)"
-    return TorchPairStepper(sides, backend.pad_id, device), tokenizer, backend.eos_ids, what
+        what = f"{target.spec} vs {base_spec} (two models)"
+    return TorchPairStepper(sides, backend.pad_id, backend.device), backend.tokenizer, backend.eos_ids, what

@@ -229,10 +229,10 @@ def show(run_dir: str, example: int | None) -> None:
 @main.command()
 @click.argument("base")
 @click.argument("teacher")
-@click.option("--data", required=True, help="arith:single|word|two_step (held-out end of the seeded space) or a JSONL file.")
-@click.option("--limit", type=int, default=None, help="At most N problems.")
+@click.option("--data", required=True, help="A data spec as `rmx-local eval` takes it (arith:single, a file, a hub id).")
+@click.option("--limit", type=int, default=None, help="A seeded subset of N problems.")
 @click.option("--tau", "taus", type=float, multiple=True, help="Entropy-gate thresholds to sweep (default 0.8 1.2 2 3, plus the run's).")
-@click.option("--max-tokens", type=int, default=None, help="Completion budget (default: the teacher run's eval.max_tokens, else 256).")
+@click.option("--max-tokens", type=int, default=None, help="Completion budget (default: the teacher run's eval.max_tokens, else 512).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, help="Decoded rows (problem x policy) per batch.")
 @click.option("--seed", default=0, show_default=True, help="Problem subset and the random control's draws.")
@@ -240,7 +240,10 @@ def show(run_dir: str, example: int | None) -> None:
 @click.option("--instruction", default=None, help="Text after the question. Default: the teacher run's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
 def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, seed, template, instruction, as_json) -> None:
-    """The paper's Section-3 analysis of TEACHER (run folder, PEFT adapter, model) against BASE (a model spec)."""
+    """The paper's Section-3 analysis of TEACHER against BASE, greedy, on the base's own completions.
+
+    TEACHER: anything `rmx-local eval` scores (a run folder, a PEFT folder, a GGUF adapter, a model). BASE: a model
+    spec, or `base` for the teacher's own base model."""
     import contextlib
     import json
 

@@ -180,7 +180,7 @@ def test_torch_stepper_matches_full_forwards_with_the_adapter_off_and_on(torch_b
 
 
 def test_analyze_command_on_a_tiny_run_prints_json(finished_run):
-    """End to end: BASE a model folder, TEACHER a run folder (its adapter, its prompt, its gate's tau)."""
+    """End to end: BASE `base` (the run's own model), TEACHER a run folder (its adapter, its prompt, its gate's tau)."""
     import json
 
     from click.testing import CliRunner
@@ -190,11 +190,11 @@ def test_analyze_command_on_a_tiny_run_prints_json(finished_run):
 
     base = load_recipe(finished_run / "recipe.toml").model
     tau = json.loads((finished_run / "gate.json").read_text())["tau"]
-    result = CliRunner().invoke(main, ["analyze", base, str(finished_run), "--data", "arith:single", "--limit", "3",
+    result = CliRunner().invoke(main, ["analyze", "base", str(finished_run), "--data", "arith:single", "--limit", "3",
                                        "--tau", "1.2", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output[result.output.index("{"):])
-    assert out["problems"] == 3 and out["max_tokens"] == 4 and out["run_tau"] == pytest.approx(tau)
+    assert out["problems"] == 3 and out["max_tokens"] == 4 and out["run_tau"] == pytest.approx(tau) and out["base"] == base
     kinds = [p["kind"] for p in out["policies"]]
     assert kinds == ["base", "teacher", "oracle", "random", "entropy", "entropy"]
     assert [p["tau"] for p in out["policies"][4:]] == [1.2, round(tau, 3)]
@@ -202,3 +202,21 @@ def test_analyze_command_on_a_tiny_run_prints_json(finished_run):
     assert 3 <= c["positions"] <= 3 * 5 and c["reranked"] + c["shifted"] <= 1
     gate_all = out["policies"][4]  # tau 1.2 is below every entropy of a random model: substitutes everywhere
     assert gate_all["touched"] == 1.0
+
+
+def test_a_model_teacher_identical_to_the_base_changes_nothing(finished_run):
+    """A full-model TEACHER is loaded beside the base; the same weights on both sides: no position differs."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rmx_local.cli import main
+    from rmx_local.recipe import load_recipe
+
+    model = load_recipe(finished_run / "recipe.toml").model
+    result = CliRunner().invoke(main, ["analyze", model, model, "--data", "arith:single", "--limit", "2",
+                                       "--max-tokens", "3", "--tau", "9", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{"):])
+    assert "two models" in out["pair"] and out["classification"]["changed"] == 0
+    assert all(p["touched"] == 0 and p["vs_base"][0] == 0 for p in out["policies"])
