@@ -97,8 +97,9 @@ def training_curves(history: list[dict]) -> bytes:
     steps = np.array([h.get("step", i + 1) for i, h in enumerate(history)])
     for ax, (key, title) in zip(axes, panels):
         values = np.array([h.get(key, np.nan) for h in history], dtype=float)
-        ax.plot(steps, values, color=BLUE, lw=1, alpha=0.45 if len(values) > 20 else 1.0)
-        if len(values) > 20:  # a running mean makes the trend readable over noisy per-step values
+        noisy = len(values) > 20 and key != "lr"
+        ax.plot(steps, values, color=BLUE, lw=1, alpha=0.45 if noisy else 1.0)
+        if noisy:  # a running mean makes the trend readable over noisy per-step values
             w = max(3, len(values) // 10)
             smooth = np.convolve(values, np.ones(w) / w, mode="valid")
             ax.plot(steps[w - 1 :], smooth, color=BLUE, lw=2)
