@@ -51,18 +51,20 @@ def _recipe_path(name: str) -> Path:
 @main.command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe, estimate memory and time, and exit.")
 @click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
 def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> None:
     """Run the whole pipeline for RECIPE (a path or a bundled name), with key=value OVERRIDES."""
-    from rmx_local.ui import UI
-
     from rmx_local.run_view import header_rows, next_steps, print_rows
+    from rmx_local.ui import UI
 
     r = load_recipe(_recipe_path(recipe), list(overrides))
     ui = UI(rich=False if plain else None)
     if dry_run:
         ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
+        from rmx_local.plan import print_plan
+
+        print_plan(r, ui)
         return
     print_rows(ui, f"rmx-local run {recipe} (recipe {r.hash()})", header_rows(r))
     from rmx_local.pipeline import run_pipeline

@@ -107,6 +107,7 @@ class EvalConfig:
     greedy: bool = True  # score greedy accuracy (one greedy completion per problem)
     # completion token limit in evaluation (and in checkpoint validation)
     max_tokens: int = 512
+    batch_size: int = 0  # sequences decoded together (0 = rollout.batch_size); the KV cache grows with it
 
 
 @dataclass
@@ -250,6 +251,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.task.train_size > 0, "task.train_size must be > 0"),
         (r.task.name == "arith" or r.task.path, f"task.path is required when task.name = \"{r.task.name}\""),
         (r.eval.n_samples >= 0, "eval.n_samples must be >= 0"),
+        (r.eval.batch_size >= 0, "eval.batch_size must be >= 0 (0 = rollout.batch_size)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -23,7 +23,7 @@ def score(ctx: RunContext, problems: list[Problem], params: SampleParams, label:
     """Per-problem correctness for the backend's current adapter state, by the scorer `rmx-local eval` uses."""
     t = ctx.recipe.task
     records = score_problems(ctx.backend, problems, Prompt(t.template, t.instruction), params,
-                             batch_size=ctx.recipe.rollout.batch_size, ui=ctx.ui, label=label)
+                             batch_size=ctx.recipe.eval.batch_size or ctx.recipe.rollout.batch_size, ui=ctx.ui, label=label)
     parsed = [p for r in records for p in r.parsed]
     return {"per_problem": [r.score for r in records], "unparseable": sum(p is None for p in parsed) / max(len(parsed), 1),
             "tokens": sum(t for r in records for t in r.tokens), "example": records[0].completions[0] if records else ""}
