@@ -61,7 +61,9 @@ class SelectConfig:
 class GateConfig:
     mode: str = "fraction"  # fraction (tau chosen so `fraction` of completion tokens pass) | tau
     tau: float = PAPER_TAU
-    fraction: float = PAPER_GATE_FRACTION
+    fraction: float = PAPER_GATE_FRACTION  # 1.0 = every completion token (a control)
+    select: str = "high"  # high (the paper) | low: the same number of lowest-entropy tokens (a control)
+    exclude_shared: bool = False  # never gate positions whose context all of a problem's rollouts share
     batch_size: int = 8  # sequences per teacher-forced scoring pass
 
 
@@ -142,6 +144,7 @@ CHOICES = {
     "task.template": {"auto", "chat", "raw"},
     "rollout.engine": {"backend", "llama_cpp", "openai", "auto"},
     "gate.mode": {"fraction", "tau"},
+    "gate.select": {"high", "low"},
     "export.outtype": {"f32", "f16", "bf16", "q8_0"},
 }
 
@@ -225,7 +228,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.rollout.n >= 2, "rollout.n must be >= 2 (advantages need several rollouts per problem)"),
         (0 < r.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (r.rollout.temperature >= 0, "rollout.temperature must be >= 0"),
-        (0 < r.gate.fraction < 1, "gate.fraction must be in (0, 1)"),
+        (0 < r.gate.fraction <= 1, "gate.fraction must be in (0, 1] (1 = every completion token)"),
         (0 <= r.select.trim_longest < 1, "select.trim_longest must be in [0, 1)"),
         (r.train.lora_rank > 0, "train.lora_rank must be > 0"),
         (r.train.grad_accum > 0 and r.train.batch_size > 0, "train.batch_size and train.grad_accum must be > 0"),
