@@ -6,7 +6,7 @@
 RUNS holds one finished run folder per seed and condition, RUNS/seed<S>/<condition>/ (`rmx-local run
 recipes/word-problems.toml run_dir=RUNS/seed0/entropy seed=0 ...`). (a) is read from each run's summary.json;
 (b) is scored here, greedily with the run's own prompt and eval.max_tokens: the base once (cached in
-RUNS/transfer-base-<hash>.json) and each run's chosen adapter (cached in <run>/eval/transfer-<hash>.json).
+RUNS/transfer-base-<hash>.json) and each run's chosen adapter (cached in <run>/eval/transfer-<train key>-<hash>.json).
 Gains are paired per problem (adapted - base, ± SE of the differences); the mean over seeds is reported with
 the SE across seeds. Shortcut: the base is scored with the first run's recipe; all runs must share the model,
 the prompt and eval.max_tokens (checked).
@@ -68,7 +68,8 @@ def transfer_scores(runs: list[Path], root: Path, data: Path) -> tuple[list[floa
         return result["per_problem"]
 
     base = cached(root / f"transfer-base-{key}.json", runs[0], None)
-    return base, {run: cached(run / "eval" / f"transfer-{key}.json", run, run / "adapter") for run in runs}
+    trained = {run: json.loads((run / "summary.json").read_text())["train"]["key"] for run in runs}
+    return base, {run: cached(run / "eval" / f"transfer-{trained[run]}-{key}.json", run, run / "adapter") for run in runs}
 
 
 def main() -> None:
