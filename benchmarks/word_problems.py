@@ -32,13 +32,13 @@ def transfer_scores(runs: list[Path], root: Path, data: Path) -> tuple[list[floa
     """Per-problem greedy correctness on `data`: the base, and each run's adapter (cached)."""
     from rmx_local.adapter import load_peft
     from rmx_local.backends import SampleParams
+    from rmx_local.data import load_problems
     from rmx_local.recipe import load_recipe
     from rmx_local.stages import RunContext
     from rmx_local.stages.evaluate import score
-    from rmx_local.tasks import load_jsonl
     from rmx_local.ui import UI
 
-    problems = load_jsonl(data)
+    problems = load_problems(str(data))
     recipes = {run: load_recipe(run / "recipe.toml") for run in runs}
     first = recipes[runs[0]]
     prompt = lambda r: (r.model, r.task.template, r.task.instruction, r.eval.max_tokens)  # noqa: E731

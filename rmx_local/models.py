@@ -79,10 +79,21 @@ def dequantized_folder(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise RmxError(f"model: {gguf} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+                       fix="point `model` at a real .gguf file (or a transformers folder)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - a damaged file surfaces as many types; all mean "cannot read it"
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise RmxError(f"model: cannot read {gguf} ({type(e).__name__}: {first})",
+                       fix="the file is truncated or damaged, or its architecture is not supported by transformers; "
+                           "download it again or use a transformers folder") from None
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are plain fp32.
     model.hf_quantizer = None
     model.is_quantized = False

@@ -19,6 +19,7 @@ from pathlib import Path
 from rmx_local import __version__
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.io import atomic_write_json, atomic_write_text
+from rmx_local.lock import run_lock
 from rmx_local.recipe import Recipe, recipe_to_toml
 from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import cached_eval, summarize
@@ -44,14 +45,22 @@ def versions() -> dict[str, str]:
 
 
 def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
+    """The whole run, holding the run folder's lock (a second run on the same folder stops at once)."""
     ui = ui or UI()
+    with run_lock(recipe.run_dir, ui.line):
+        return _run(recipe, ui)
+
+
+def _run(recipe: Recipe, ui: UI) -> dict:
     run_dir = Path(recipe.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(recipe, run_dir, ui)
     t_start = time.time()
-    atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
 
     ctx.source  # a missing or unknown model fails here, before any work
+    if recipe.export.formats:
+        from rmx_local.export import check_exportable
+
+        check_exportable(recipe.export.formats, ctx.source.hf_path)  # before hours of work, not after
     splits = split_problems(ctx)
     rollouts = run_rollouts(ctx, splits["train"])
     selected = run_select(ctx, splits["train"], rollouts)
@@ -65,7 +74,6 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     g = recipe.gate
     gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed,
                                       g.select, shared_context(seqs) if g.exclude_shared else None)
-    atomic_write_json(run_dir / "gate.json", gate_report)
     ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
             f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
 
@@ -76,10 +84,8 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
         base_eval = cached_eval(ctx, splits["eval"], "base", eval_key)
     selection = splits["val"] or (splits["train"] if recipe.train.select_on_train else [])
     report = run_train(ctx, examples, selection)
-    adapter_dir = ctx.path("train", report["key"], f"step-{report['best_step']}", "adapter")
-    adapter = load_peft(adapter_dir)
+    adapter = load_peft(ctx.path("train", report["key"], f"step-{report['best_step']}", "adapter"))
     adapter.base_model = recipe.model
-    save_peft(adapter, run_dir / "adapter")
 
     adapted_eval = None
     if splits["eval"]:
@@ -93,6 +99,11 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     manifest = {"versions": versions(), "seed": recipe.seed, "recipe_hash": recipe.hash(), "data_hash": data_hash,
                 "model": recipe.model, "backend": getattr(ctx._backend, "name", recipe.backend),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    # the run's own results are replaced together, at the end: a failed or killed rerun leaves the last ones
+    ui.line(f"save: adapter (step {report['best_step']}), recipe.toml, gate.json, manifest.json, summary.json")
+    save_peft(adapter, run_dir / "adapter")
+    atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+    atomic_write_json(run_dir / "gate.json", gate_report)
     atomic_write_json(run_dir / "manifest.json", manifest)
     summary = {
         "recipe_hash": manifest["recipe_hash"], "model": recipe.model, "selection": s, "gate": gate_report,

@@ -20,6 +20,10 @@ Shortcuts taken (deliberately simple, documented so nobody is surprised):
   unguarded scripts) runs each call; a call that exceeds `timeout_s` kills the worker (restarted on next use)
   and the verdict is incorrect-but-parsed. Worker start-up (importing sympy, ~1 s) is not counted in `timeout_s`.
   Calls are serialised through that one worker (verify_many goes one pair at a time, fast path in-process).
+- Bounded work on pathological text: only the last MAX_COMPLETION_CHARS of a completion are searched, a final
+  answer longer than MAX_ANSWER_CHARS is wrong, `\\boxed{}` matching is linear, numbers past Python's
+  4300-digit limit leave the fast path, and whatever reaches math-verify (`10^10^10^10`, LaTeX nested
+  thousands deep) is cut off by the worker's timeout. Model text is parsed, never evaluated as code.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from rmx_local.errors import RmxError
 log = logging.getLogger(__name__)
 
 REL_TOL = Fraction(1, 10**6)
+MAX_COMPLETION_CHARS = 20_000  # only a completion's last 20k characters are searched for its final answer
+MAX_ANSWER_CHARS = 1_000  # a longer final answer is graded wrong without math-verify
 _STARTUP_TIMEOUT_S = 120.0
 
 
@@ -62,15 +68,22 @@ _LEADING_NUM_RE = re.compile(r"^([+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?)(\s
 
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` whose braces balance (nested braces allowed)."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i]
-    return None
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` whose braces balance (nested braces allowed).
+
+    One pass over the braces (a stack of open ones), so 1 MB of unclosed `\\boxed{` costs linear time."""
+    boxes = {m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)}  # positions of their "{"
+    if not boxes:
+        return None
+    stack: list[int] = []
+    best: tuple[int, int] | None = None
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            start = stack.pop()
+            if start in boxes and (best is None or start > best[0]):
+                best = (start, m.start())
+    return text[best[0] + 1 : best[1]] if best else None
 
 
 def _phrase_answer(text: str) -> str | None:
@@ -114,6 +127,7 @@ def _clean(s: str) -> str:
 
 def extract_answer(completion: str) -> str | None:
     """The completion's final answer as a cleaned string, or None when there is no answer at all."""
+    completion = completion[-MAX_COMPLETION_CHARS:]
     boxed = _clean(_last_boxed(completion) or "")
     if boxed:
         return boxed
@@ -280,9 +294,9 @@ atexit.register(_WORKER.close)
 def _slow_check(gold: str, pred: str, timeout_s: float) -> bool:
     status, result = _WORKER.call(_math_verify_equal, (gold, pred), timeout_s)
     if status == "timeout":
-        log.warning("math-verify timed out after %.1fs on %r vs gold %r; scored incorrect", timeout_s, pred, gold)
+        log.warning("math-verify timed out after %.1fs on %r vs gold %r; scored incorrect", timeout_s, pred[:80], gold[:80])
     elif status == "error":
-        log.warning("math-verify failed on %r vs gold %r (%s); scored incorrect", pred, gold, result)
+        log.warning("math-verify failed on %r vs gold %r (%s); scored incorrect", pred[:80], gold[:80], str(result)[:200])
     return status == "ok" and bool(result)
 
 
@@ -292,6 +306,8 @@ def _fast_verdict(completion: str, gold: str) -> tuple[Verdict | None, str | Non
     parsed = extract_answer(completion)
     if parsed is None:
         return Verdict(False, None), None, gold_clean
+    if len(parsed) > MAX_ANSWER_CHARS:
+        return Verdict(False, parsed), parsed, gold_clean
     g_num, p_num = _as_number(gold_clean), _as_number(parsed)
     if g_num is not None and p_num is not None:
         return Verdict(_numeric_equal(g_num, p_num), parsed), parsed, gold_clean

@@ -45,3 +45,60 @@ def torch_backend(tokenizer):
     from rmx_local.backends.torch_backend import TorchBackend
 
     return TorchBackend(tiny_llama(len(tokenizer)), tokenizer, "cpu", batch_size=8, model_name="tiny")
+
+
+def digit_tokenizer():
+    """A tokenizer whose only text tokens are "1", "2" and " " (anything else is <unk>), with a chat template.
+
+    A random model over it answers "1", "12", "2 1", ...: graded by the real verifier against golds such as "1"
+    or "2", some rollouts are right and some wrong, so whole runs (CLI, kill loop) need no fake verifier."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", "1", "2", " "])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>", pad_token="<|im_end|>")
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}<|im_start|>"
+    return fast
+
+
+def save_digit_model(folder, **overrides):
+    """A tiny random llama + `digit_tokenizer` saved as a transformers folder (what a recipe's `model` names)."""
+    tok = digit_tokenizer()
+    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    tiny_llama(len(tok), **{**cfg, **overrides}).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_recipe(model, data, *, train_size=6, eval_size=2, group=4, max_tokens=4, gate_batch=8, threads=0) -> str:
+    """A recipe for `save_digit_model` and a JSONL task: `group` problems x 4 rollouts per sampling call, a 25% gate,
+    a rank-4 LoRA on q/v with a checkpoint every 2 steps, greedy evaluation only. Runs take seconds."""
+    return f"""model = "{model}"
+threads = {threads}
+[task]
+name = "jsonl"
+path = "{data}"
+train_size = {train_size}
+eval_size = {eval_size}
+[rollout]
+n = 4
+max_tokens = {max_tokens}
+batch_size = {4 * group}
+[gate]
+fraction = 0.25
+batch_size = {gate_batch}
+[train]
+grad_accum = 2
+warmup_steps = 1
+lora_rank = 4
+lora_alpha = 8.0
+targets = ["q_proj", "v_proj"]
+checkpoint_every = 2
+[eval]
+max_tokens = 4
+n_samples = 0
+"""

@@ -71,7 +71,8 @@ def test_rerun_loads_nothing_and_resumes_torn_rollouts(model_dir, tmp_path, monk
 
     # simulate kill -9 during rollouts: two problems missing, a torn last line, later stages never written
     run = tmp_path / "run"
-    lines = (run / "rollouts.jsonl").read_text().splitlines()
+    finished = (run / "rollouts.jsonl").read_text()
+    lines = finished.splitlines()
     (run / "rollouts.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])
     for f in ("selected.json", "entropies.jsonl"):
         (run / f).unlink()
@@ -84,8 +85,10 @@ def test_rerun_loads_nothing_and_resumes_torn_rollouts(model_dir, tmp_path, monk
     real = TorchBackend.generate
     monkeypatch.setattr(TorchBackend, "generate", lambda self, p, params, progress=None: calls.append(len(p)) or real(self, p, params, progress))
     again = run_pipeline(r, UI(rich=False))
-    assert calls == [2]  # only the two unfinished problems were sampled (eval results were cached)
-    assert len((run / "rollouts.jsonl").read_text().splitlines()) == 6
+    # the cut-short group of 6 problems is sampled whole again with its own seed (eval results were cached),
+    # and only its two missing problems are journaled: the journal equals the uninterrupted one
+    assert calls == [6]
+    assert (run / "rollouts.jsonl").read_text() == finished
     assert again["train_sequences"] == first["train_sequences"]
 
 

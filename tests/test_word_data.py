@@ -4,7 +4,8 @@ import json
 import re
 from pathlib import Path
 
-from rmx_local.tasks import TWO_STEP_TEMPLATES, WORD_TEMPLATES, load_jsonl
+from rmx_local.data import load_problems
+from rmx_local.tasks import TWO_STEP_TEMPLATES, WORD_TEMPLATES
 
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "data" / "one-step-word-problems.jsonl"
 
@@ -15,7 +16,7 @@ def template_pattern(text: str) -> re.Pattern:
 
 
 def test_transfer_set_is_well_formed_and_not_generated():
-    problems = load_jsonl(DATA)
+    problems = load_problems(str(DATA))
     assert len(problems) >= 120
     assert all(p.answer.isdigit() and 0 <= int(p.answer) <= 100 for p in problems)
     questions = [p.question for p in problems]

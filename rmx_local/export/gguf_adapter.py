@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from rmx_local.adapter import LoraAdapter
 from rmx_local.errors import RmxError
 from rmx_local.export.common import BLOCK_LINEARS, SUPPORTED_ARCHS, check_adapter, check_arch, rope_permute
+from rmx_local.io import temp_path
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 EXTRA_KEY = "rmx_local.adapter"
@@ -78,11 +78,9 @@ def write_gguf_adapter(adapter: LoraAdapter, path: str | Path, outtype: str = "f
     names = _tensor_names(adapter, gguf_arch)
     cfg = adapter.model_config
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)  # umask permissions: llama.cpp / Ollama servers may run as another user
     try:
-        writer = gguf.GGUFWriter(tmp, gguf_arch)
+        writer = gguf.GGUFWriter(str(tmp), gguf_arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.alpha))

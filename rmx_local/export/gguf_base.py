@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from rmx_local.errors import RmxError
+from rmx_local.io import temp_path
 from rmx_local.models import cache_root
 
 
@@ -29,11 +29,9 @@ def f32_base_gguf(source: str | Path) -> Path:
     out = cache_root() / "gguf-f32" / f"{source.stem}-F32-{key}.gguf"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(out)  # umask permissions: llama.cpp may run as another user
     try:
-        _write_f32_copy(source, Path(tmp))
+        _write_f32_copy(source, tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -7,6 +7,8 @@ atomically and carries a README.md model card.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import tomllib
 from pathlib import Path
@@ -14,12 +16,15 @@ from pathlib import Path
 from rmx_local.adapter import LoraAdapter, load_peft, save_peft
 from rmx_local.errors import RmxError
 from rmx_local.export.card import model_card
+from rmx_local.export.common import SUPPORTED_ARCHS
 from rmx_local.export.gguf_adapter import OUTTYPES, write_gguf_adapter
 from rmx_local.export.mlx_adapter import write_mlx_adapter
 from rmx_local.export.ollama import write_ollama
 from rmx_local.io import atomic_dir, atomic_write_text, read_json
+from rmx_local.lock import run_lock
+from rmx_local.recipe import EXPORT_FORMATS
 
-FORMATS = ("gguf", "mlx", "peft", "ollama")
+FORMATS = EXPORT_FORMATS
 GGUF_NAME = "adapter.gguf"
 
 
@@ -73,6 +78,32 @@ def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
     return adapter
 
 
+def check_exportable(formats: list[str] | str, hf_path: str) -> None:
+    """Refuse, before any work, formats that cannot express the model's architecture (read from config.json)."""
+    config = Path(hf_path) / "config.json"
+    if not config.is_file() or all(f == "peft" for f in parse_formats(formats)):
+        return
+    arch = read_json(config).get("model_type", "")
+    if arch not in SUPPORTED_ARCHS:
+        raise RmxError(f"export.formats = {formats}: the gguf / mlx / ollama exporters do not support model_type "
+                       f"{arch!r} ({config})", fix=f'use export.formats = ["peft"]; they support {", ".join(SUPPORTED_ARCHS)}')
+
+
+def check_same_base(adapter: LoraAdapter, spec: str) -> None:
+    """Refuse an adapter whose recorded model shape differs from the base model it is exported for."""
+    from rmx_local.models import resolve_model
+
+    config = Path(resolve_model(spec).hf_path) / "config.json"
+    if not config.is_file() or not adapter.model_config:
+        return
+    base = read_json(config)
+    differs = [f"{k} {adapter.model_config[k]} vs {base[k]}" for k in ("hidden_size", "num_hidden_layers",
+               "num_attention_heads") if k in adapter.model_config and k in base and adapter.model_config[k] != base[k]]
+    if differs:
+        raise RmxError(f"export: the adapter was trained on another base than {spec!r} ({'; '.join(differs)})",
+                       fix="export it from the run folder it was trained in, or fix `model` in RUN_DIR/recipe.toml")
+
+
 def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f16",
                out_dir: str | Path | None = None) -> dict[str, Path]:
     """Export a run's adapter; return {format: folder written}. formats may include "all"."""
@@ -81,10 +112,19 @@ def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f1
     if outtype not in OUTTYPES:
         raise RmxError(f"export: unknown --outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
     adapter = load_run_adapter(run_dir)
+    # a run still writing this folder's adapter must finish first; a read-only finished run exports with --out
+    read_only = out_dir is not None and not os.access(run_dir, os.W_OK)
+    with contextlib.nullcontext() if read_only else run_lock(run_dir):
+        return _export(run_dir, adapter, chosen, outtype, out_dir)
+
+
+def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str,
+            out_dir: str | Path | None) -> dict[str, Path]:
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     spec = run_base_spec(run_dir, adapter)
     adapter.base_model = adapter.base_model or spec
     if any(f != "peft" for f in chosen):
+        check_same_base(adapter, spec)
         adapter = complete_from_base(adapter, spec)
     out = Path(out_dir) if out_dir else run_dir / "export"
     written: dict[str, Path] = {}

@@ -2,8 +2,10 @@
 
 Problems are split once into train / val / eval (frozen in `problems.json`). K rollouts per train problem
 are sampled from the frozen base and journaled one problem per line in `rollouts.jsonl`, so a killed run
-resumes at the first unfinished problem. Shortcut: the sampling seed is derived from the first problem of
-each group, so a resumed run samples the same problems with the same seeds only when groups line up.
+resumes at the first unfinished problem. Problems are sampled in fixed groups (`batch_size // n` consecutive
+train problems, the group's seed derived from its first index), the same groups on every run: a resumed run
+skips finished groups and samples a group that was cut short whole again, journaling only its missing
+problems, so its rollouts equal an uninterrupted run's (samplers seed per call, not per problem).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import random
 from dataclasses import asdict
 
 from rmx_local.backends import SampleParams
+from rmx_local.data import load_problems
 from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
 from rmx_local.stages import RunContext
-from rmx_local.tasks import Problem, arith_problems, arith_space_size, build_prompt, load_jsonl
+from rmx_local.tasks import Problem, arith_problems, arith_space_size, encode_prompts as encode_questions
+
 
 def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
     """Train / val / eval problems, frozen in the run folder on first use."""
@@ -36,13 +40,19 @@ def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
             "eval": arith_problems(t.difficulty, t.eval_size, ctx.recipe.seed, offset=space - t.eval_size),
         }
     else:
-        pool = load_jsonl(t.path)
+        pool = load_problems(t.path)
         random.Random(ctx.recipe.seed).shuffle(pool)
-        held = load_jsonl(t.eval_path) if t.eval_path else []
+        held = load_problems(t.eval_path) if t.eval_path else []
         if not held:
             held, pool = pool[: t.eval_size], pool[t.eval_size :]
         splits = {"eval": held[: t.eval_size], "val": pool[: t.val_size],
                   "train": pool[t.val_size : t.val_size + t.train_size]}
+        seen: dict[str, str] = {}
+        for p in (p for split in splits.values() for p in split):  # a repeat could sit in both training and held-out
+            if p.question in seen:
+                raise RmxError(f"{t.path}: problems {seen[p.question]} and {p.id} have the same question",
+                               fix="remove the repeated rows (or the training rows from task.eval_path)")
+            seen[p.question] = p.id
     if not splits["train"]:
         raise RmxError(f"task: no training problems (task.train_size = {t.train_size}, source: {t.path or t.name})",
                        fix="use a larger dataset or a smaller task.eval_size / task.val_size")
@@ -50,19 +60,9 @@ def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
     return splits
 
 
-def template_for(ctx: RunContext) -> str:
-    t = ctx.recipe.task.template
-    if t == "auto":
-        return "chat" if getattr(ctx.tokenizer, "chat_template", None) else "raw"
-    return t
-
-
 def encode_prompts(ctx: RunContext, problems: list[Problem]) -> tuple[list[str], list[list[int]]]:
-    template = template_for(ctx)
-    texts = [build_prompt(ctx.tokenizer, p.question, template, ctx.recipe.task.instruction) for p in problems]
-    # chat templates already spell out their special tokens; the raw template relies on the tokenizer's BOS
-    ids = [ctx.tokenizer(s, add_special_tokens=(template == "raw")).input_ids for s in texts]
-    return texts, ids
+    t = ctx.recipe.task
+    return encode_questions(ctx.tokenizer, [p.question for p in problems], t.template, t.instruction)
 
 
 def make_rollout_engine(ctx: RunContext):
@@ -76,24 +76,25 @@ def run_rollouts(ctx: RunContext, problems: list[Problem]) -> list[dict]:
     ctx.check_stage_key("rollouts", ctx.recipe.section_hash("model", "task", "rollout", "seed"), ["rollouts.jsonl"])
     journal = Journal(ctx.path("rollouts.jsonl"))
     done = {rec["id"]: rec for rec in journal.read()}
-    todo = [p for p in problems if p.id not in done]
-    if todo:
+    group = max(1, r.batch_size // r.n)
+    starts = [i for i in range(0, len(problems), group) if any(p.id not in done for p in problems[i : i + group])]
+    if starts:
         engine = make_rollout_engine(ctx)
-        ctx.ui.line(f"rollouts: engine {engine.name}, {len(todo)} problems x {r.n} samples to go ({len(done)} done)")
-        group = max(1, r.batch_size // r.n)
+        todo = sum(p.id not in done for p in problems)
+        ctx.ui.line(f"rollouts: engine {engine.name}, {todo} problems x {r.n} samples to go ({len(done)} done)")
         with ctx.timed("rollouts"), ctx.ui.stage("rollouts", len(problems), "problems") as bar:
-            bar.advance(len(problems) - len(todo))
-            for start in range(0, len(todo), group):
-                chunk = todo[start : start + group]
+            bar.advance(len(problems) - todo)
+            for start in starts:
+                chunk = problems[start : start + group]
                 texts, ids = encode_prompts(ctx, chunk)
-                seed = ctx.recipe.seed * 1_000_003 + problems.index(chunk[0])
-                params = SampleParams(r.n, r.temperature, r.top_p, r.max_tokens, seed)
+                params = SampleParams(r.n, r.temperature, r.top_p, r.max_tokens, ctx.recipe.seed * 1_000_003 + start)
                 outs = engine.sample(texts, ids, params, progress=lambda k: bar.advance(0, k))
-                for p, pids, completions in zip(chunk, ids, outs):
+                missing = [(p, pids, c) for p, pids, c in zip(chunk, ids, outs) if p.id not in done]
+                for p, pids, completions in missing:
                     rec = {"id": p.id, "prompt_ids": pids, "completions": completions,
                            "texts": [ctx.tokenizer.decode(c, skip_special_tokens=True) for c in completions]}
                     journal.append(rec)
                     done[p.id] = rec
-                bar.advance(len(chunk))
+                bar.advance(len(missing))
             ctx.rates["rollout tok/s"] = bar.tokens_per_s
     return [done[p.id] for p in problems]

@@ -20,6 +20,7 @@ import numpy as np
 
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.backends import SampleParams, TrainExample
+from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
 from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import score
@@ -71,7 +72,9 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     folder = ctx.path("train", key)
     final = folder / "final.json"
     if final.exists():
-        return read_json(final)
+        report = read_json(final)
+        _keep_only(folder, report["best_step"])  # a run killed right after final.json left the others
+        return report
     n_micro, n_steps = schedule(len(examples), t)
     batches = micro_batches(examples, n_micro, t.batch_size, r.seed, t.group_size)
     backend = ctx.backend
@@ -86,10 +89,14 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     done = sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "state.json").exists())
     if done:
         start = done[-1]
-        backend.set_adapter(load_peft(folder / f"step-{start}" / "adapter"))
-        backend.load_optimizer(str(folder / f"step-{start}" / "optimizer.pt"))
-        val = {int(k): v for k, v in read_json(folder / f"step-{start}" / "state.json")["val"].items()}
+        ckpt = folder / f"step-{start}"
+        _check_checkpoint(ckpt)
+        backend.set_adapter(load_peft(ckpt / "adapter"))
+        backend.load_optimizer(str(ckpt / "optimizer.pt"))
+        val = {int(k): v for k, v in read_json(ckpt / "state.json")["val"].items()}
         ctx.ui.line(f"train: resuming from step {start}/{n_steps}")
+    # steps after the checkpoint were logged by a killed run and are redone now: log each step once
+    log.rewrite([m for m in log.read() if m["step"] <= start])
     if val_problems and 0 not in val:
         backend.set_adapter_enabled(False)
         val[0] = float(np.mean(score(ctx, val_problems, val_params, "val base")["per_problem"]))
@@ -122,10 +129,25 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
               "history": Journal(folder / "log.jsonl").read()}
     backend.set_adapter(load_peft(folder / f"step-{best}" / "adapter"))
     atomic_write_json(final, report)
-    for p in folder.glob("step-*"):  # keep the chosen checkpoint only; the others served their purpose
+    _keep_only(folder, best)
+    return report
+
+
+def _keep_only(folder, best: int) -> None:
+    """Keep the chosen checkpoint only; the others served their purpose."""
+    for p in folder.glob("step-*"):
         if p.name != f"step-{best}":
             shutil.rmtree(p, ignore_errors=True)
-    return report
+
+
+CHECKPOINT_FILES = ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.pt", "state.json")
+
+
+def _check_checkpoint(path) -> None:
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        raise RmxError(f"{path}: checkpoint is missing {', '.join(missing)}",
+                       fix=f"delete {path} to resume from the checkpoint before it (or from the start)")
 
 
 def _save_checkpoint(ctx: RunContext, path, val: dict[int, float]) -> None:
