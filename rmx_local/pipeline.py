@@ -23,7 +23,7 @@ from rmx_local.lock import run_lock
 from rmx_local.recipe import Recipe, recipe_to_toml
 from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import cached_eval, summarize
-from rmx_local.stages.gate import compute_gate, run_entropies
+from rmx_local.stages.gate import compute_gate, run_entropies, shared_context
 from rmx_local.stages.rollouts import run_rollouts, split_problems
 from rmx_local.stages.select import run_select
 from rmx_local.stages.train import build_examples, run_train
@@ -72,7 +72,8 @@ def _run(recipe: Recipe, ui: UI) -> dict:
     seqs = selected["sequences"]
     entropies = run_entropies(ctx, seqs)
     g = recipe.gate
-    gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed)
+    gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed,
+                                      g.select, shared_context(seqs) if g.exclude_shared else None)
     ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
             f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
 

@@ -69,7 +69,9 @@ class GateConfig:
     mode: str = "fraction"  # fraction (tau chosen so `fraction` of completion tokens pass) | tau
     # mode tau: decision points are the completion tokens whose base entropy H_t exceeds tau (nats)
     tau: float = PAPER_TAU
-    fraction: float = PAPER_GATE_FRACTION
+    fraction: float = PAPER_GATE_FRACTION  # 1.0 = every completion token (a control)
+    select: str = "high"  # high (the paper) | low: the same number of lowest-entropy tokens (a control)
+    exclude_shared: bool = False  # never gate positions whose context all of a problem's rollouts share
     batch_size: int = 8  # sequences per teacher-forced scoring pass
 
 
@@ -160,6 +162,7 @@ CHOICES = {
     "task.template": {"auto", "chat", "raw"},
     "rollout.engine": {"backend", "llama_cpp", "openai", "auto"},
     "gate.mode": {"fraction", "tau"},
+    "gate.select": {"high", "low"},
     "export.outtype": {"f32", "f16", "bf16", "q8_0"},
 }
 EXPORT_FORMATS = ("gguf", "mlx", "peft", "ollama")  # and "all"; a comma list also works
@@ -246,7 +249,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.rollout.n >= 2, "rollout.n", r.rollout.n, "must be >= 2 (advantages need several rollouts per problem)", "8"),
         (0 < r.rollout.top_p <= 1, "rollout.top_p", r.rollout.top_p, "must be in (0, 1]", "0.95"),
         (r.rollout.temperature >= 0, "rollout.temperature", r.rollout.temperature, "must be >= 0", "0.6"),
-        (0 < r.gate.fraction < 1, "gate.fraction", r.gate.fraction, "must be in (0, 1)", "0.05"),
+        (0 < r.gate.fraction <= 1, "gate.fraction", r.gate.fraction, "must be in (0, 1] (1 = every completion token)", "0.05"),
         (0 <= r.select.trim_longest < 1, "select.trim_longest", r.select.trim_longest, "must be in [0, 1)", "0.0"),
         (r.train.lora_rank > 0, "train.lora_rank", r.train.lora_rank, "must be > 0", "32"),
         (r.train.batch_size > 0, "train.batch_size", r.train.batch_size, "must be > 0", "1"),

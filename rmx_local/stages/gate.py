@@ -9,6 +9,15 @@ The gate D = {t : H_t > tau}; with `gate.mode = "fraction"` tau is the (1 - frac
 completion-token entropies of the training set, and the implied tau is reported. Small models are far less
 certain than the paper's (SmolLM2-135M: the paper's tau = 1.4 gates ~50% of tokens), hence the default.
 `train.random_gate` replaces D by a uniformly random set of the same size (a control).
+
+Controls and variants (the paper's gate is the default):
+- `gate.select = "low"`: the same number of tokens as the high-entropy gate, but the lowest-entropy ones
+  (ties broken at random with the seed): an entropy-min control.
+- `gate.fraction = 1.0`: every completion token is gated (no KL term left).
+- `gate.exclude_shared = true`: positions whose context (prompt + earlier completion tokens) all of a problem's
+  rollouts share are never gated. Their base entropy is the same in every rollout (always the first completion
+  token), so a small gate is otherwise filled with K copies of each problem's first-token entropy. In fraction
+  mode tau is then chosen among the remaining positions so that the gate still holds `fraction` of all tokens.
 """
 
 from __future__ import annotations
@@ -43,23 +52,58 @@ def run_entropies(ctx: RunContext, seqs: list[dict]) -> list[np.ndarray]:
     return [done[(s["id"], s["k"])] for s in seqs]
 
 
+def shared_context(seqs: list[dict]) -> list[np.ndarray]:
+    """Per sequence: True at completion positions whose context every rollout of the same problem shares.
+
+    Position t's context is the prompt plus completion tokens [0, t); it is shared while t <= the length of the
+    common prefix of all the problem's completions (so position 0 always is)."""
+    by_problem: dict[str, list[list[int]]] = {}
+    for s in seqs:
+        by_problem.setdefault(s["id"], []).append(s["completion_ids"])
+    common = {}
+    for pid, comps in by_problem.items():
+        n, shortest = 0, min(len(c) for c in comps)
+        while n < shortest and all(c[n] == comps[0][n] for c in comps):
+            n += 1
+        common[pid] = n
+    return [np.arange(len(s["completion_ids"])) <= common[s["id"]] for s in seqs]
+
+
 def compute_gate(entropies: list[np.ndarray], mode: str, tau: float, fraction: float,
-                 random_gate: bool = False, seed: int = 0) -> tuple[list[np.ndarray], dict]:
-    """Per-sequence boolean gates plus a report {tau, gated_fraction, paper_tau_fraction, ...}."""
+                 random_gate: bool = False, seed: int = 0, select: str = "high",
+                 shared: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], dict]:
+    """Per-sequence boolean gates plus a report {tau, gated_fraction, paper_tau_fraction, ...}.
+
+    `shared` (from `shared_context`) marks positions never to gate; `select = "low"` swaps the high-entropy gate
+    for the same number of lowest-entropy tokens."""
     flat = np.concatenate(entropies) if entropies else np.zeros(0, np.float32)
+    bounds = np.cumsum([0] + [h.size for h in entropies])
+    eligible = ~np.concatenate(shared) if shared is not None and flat.size else np.ones(flat.size, dtype=bool)
     if mode == "fraction":
-        tau = float(np.quantile(flat, 1.0 - fraction)) if flat.size else 0.0
-    gates = [h > tau for h in entropies]
-    n_gated = int(sum(g.sum() for g in gates))
+        if fraction >= 1.0:
+            tau = -1.0  # entropies are >= 0: every token passes
+        elif eligible.any():
+            q = 1.0 - min(1.0, fraction * flat.size / eligible.sum())
+            tau = float(np.quantile(flat[eligible], q))
+        else:
+            tau = 0.0
+    chosen = (flat > tau) & eligible
+    n_gated = int(chosen.sum())
+    rng = np.random.default_rng(seed)
+    if select == "low":
+        pool = np.flatnonzero(eligible)
+        order = pool[np.lexsort((rng.random(pool.size), flat[pool]))]  # ascending entropy, random among ties
+        chosen = np.zeros(flat.size, dtype=bool)
+        chosen[order[:n_gated]] = True
     if random_gate:
-        rng = np.random.default_rng(seed)
         chosen = np.zeros(flat.size, dtype=bool)
         chosen[rng.choice(flat.size, size=n_gated, replace=False)] = True
-        bounds = np.cumsum([0] + [h.size for h in entropies])
-        gates = [chosen[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    gates = [chosen[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     report = {
         "mode": mode, "tau": tau, "tokens": int(flat.size), "gated": n_gated,
-        "gated_fraction": n_gated / max(flat.size, 1), "random_gate": random_gate,
+        "gated_fraction": n_gated / max(flat.size, 1), "random_gate": random_gate, "select": select,
+        "excluded_shared": int((~eligible).sum()),
+        "gated_entropy": float(flat[chosen].mean()) if n_gated else 0.0,
         "paper_tau": PAPER_TAU, "paper_tau_fraction": float((flat > PAPER_TAU).mean()) if flat.size else 0.0,
         "mean_entropy": float(flat.mean()) if flat.size else 0.0,
     }
