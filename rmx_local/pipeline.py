@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from rmx_local import __version__
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.io import atomic_write_json, atomic_write_text
@@ -24,7 +26,7 @@ from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import cached_eval, summarize
 from rmx_local.stages.gate import compute_gate, run_entropies
 from rmx_local.stages.rollouts import run_rollouts, split_problems
-from rmx_local.stages.select import run_select
+from rmx_local.stages.select import rft_sequences, run_select
 from rmx_local.stages.train import build_examples, run_train
 from rmx_local.ui import UI
 
@@ -48,7 +50,7 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(recipe, run_dir, ui)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
 
     ctx.source  # a missing or unknown model fails here, before any work
@@ -61,12 +63,18 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
             f"kept {s['selected_problems']} problems, {s['sequences']} sequences")
 
     seqs = selected["sequences"]
-    entropies = run_entropies(ctx, seqs)
-    g = recipe.gate
-    gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed)
-    atomic_write_json(run_dir / "gate.json", gate_report)
-    ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
-            f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
+    if recipe.train.objective == "rft":  # baseline: plain CE on every completion token of the correct rollouts
+        seqs = rft_sequences(ctx, splits["train"], rollouts)
+        gates = [np.ones(len(x["completion_ids"]), dtype=bool) for x in seqs]
+        gate_report = {"mode": "rft", "tau": 0.0, "tokens": int(sum(g.size for g in gates)), "gated_fraction": 1.0}
+        ui.line(f"rft: {len(seqs)} correct rollouts of {len({x['id'] for x in seqs})} problems, every completion token trained")
+    else:
+        entropies = run_entropies(ctx, seqs)
+        g = recipe.gate
+        gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed)
+        atomic_write_json(run_dir / "gate.json", gate_report)
+        ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
+                f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
 
     examples = build_examples(seqs, gates, recipe.train.positive_only)
     eval_key = recipe.section_hash("model", "task", "eval", "seed")
@@ -96,10 +104,11 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     summary = {
         "recipe_hash": manifest["recipe_hash"], "model": recipe.model, "selection": s, "gate": gate_report,
         "gated_fraction": gate_report["gated_fraction"], "tau": gate_report["tau"],
-        "train_problems": s["selected_problems"], "train_sequences": len(examples),
+        "train_problems": len({x["id"] for x in seqs}), "train_sequences": len(examples),
         "train": {k: v for k, v in report.items() if k != "history"}, "eval": table,
         "eval_problems": len(splits["eval"]), "timings_s": ctx.timings, "rates": ctx.rates,
-        "total_s": time.time() - t_start, "peak_rss_mb": peak_rss_mb(),
+        "total_s": time.time() - t_start, "cpu_timings_s": ctx.cpu_timings, "total_cpu_s": time.process_time() - cpu_start,
+        "peak_rss_mb": peak_rss_mb(),
     }
     atomic_write_json(run_dir / "summary.json", summary)
     if recipe.export.formats:

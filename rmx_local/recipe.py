@@ -85,6 +85,7 @@ class TrainConfig:
     random_gate: bool = False  # control: gate a random set of the same size instead of high-entropy tokens
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only at the end); also the validation cadence
     select_on_train: bool = False  # no val split: pick the checkpoint by greedy accuracy on the train problems
+    objective: str = "reasonmaxxer"  # reasonmaxxer (the paper's loss) | rft (baseline: plain CE on all correct rollouts)
 
 
 @dataclass
@@ -142,6 +143,7 @@ CHOICES = {
     "task.template": {"auto", "chat", "raw"},
     "rollout.engine": {"backend", "llama_cpp", "openai", "auto"},
     "gate.mode": {"fraction", "tau"},
+    "train.objective": {"reasonmaxxer", "rft"},
     "export.outtype": {"f32", "f16", "bf16", "q8_0"},
 }
 

@@ -131,9 +131,13 @@ class TorchBackend:
         """One packed forward for the batch (adapter off, then on); the loss is the mean of sequence losses."""
         self.model.train()
         packed = pack([(ex.tokens, ex.prompt_len) for ex in batch], self.pad_id, self.model.dtype, self.device)
-        with torch.no_grad(), self._adapter_off():
-            base_logits = packed_logits(self.model, packed)
-        logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        if kl_coef:
+            with torch.no_grad(), self._adapter_off():
+                base_logits = packed_logits(self.model, packed)
+            logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        else:  # no anchor (e.g. train.objective = "rft"): the base forward would only be multiplied by 0
+            logp = torch.log_softmax(packed_logits(self.model, packed).float(), dim=-1)
+            kl = logp.new_zeros(logp.shape[:-1])
         total, totals = 0.0, {}
         for i, ex in enumerate(batch):
             row, idx = packed.row[i], packed.index[i]

@@ -81,6 +81,7 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     log = Journal(folder / "log.jsonl")
     val_params = SampleParams(1, 0.0, 1.0, r.eval.max_tokens, r.seed)
     val: dict[int, float] = {}
+    kl_coef = 0.0 if t.objective == "rft" else t.kl_coef  # rft: advantage 1 on every token, no anchor = plain CE
 
     start = 0
     done = sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "state.json").exists())
@@ -102,7 +103,7 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
             metrics: dict[str, float] = {}
             group = batches[step * t.grad_accum : (step + 1) * t.grad_accum]
             for mb in group:
-                m = backend.accumulate(mb, t.kl_coef, t.negative_ce_cap, 1.0 / len(group))
+                m = backend.accumulate(mb, kl_coef, t.negative_ce_cap, 1.0 / len(group))
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / len(group)
             metrics["grad_norm"] = backend.step(lr, t.weight_decay, t.grad_clip)
