@@ -18,7 +18,9 @@ Clock: wall-clock and process CPU seconds (all threads) from the same start (mod
 excluded (the same work for every method). CPU seconds are the fair clock on a shared machine; budgets and
 the headline use them. Results: OUT/results.jsonl (one line per finished run, resumable: finished rows are
 skipped), a GRPO run's checkpoints as they come in OUT/grpo-*/curve.jsonl, `--report` prints the table and
-headline and writes OUT/baselines.png. Shortcut: a killed GRPO run restarts from scratch.
+headline and writes OUT/baselines.png (a GRPO run still going or killed shows its checkpoints so far, from
+OUT/grpo-*/points.jsonl). Shortcut: a killed GRPO run restarts from scratch. TRL's gradient checkpointing is
+turned off (it trades compute, which is the measured quantity here, for memory nobody lacks at this size).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Checkpointer:
     budget_s: float
     patience: int = 2
     on_best: Callable[[], None] = lambda: None
+    on_point: Callable[[dict], None] = lambda point: None
+    stop_at: float = math.inf  # a wall-clock time (time.time()) after which the run ends with a last checkpoint
     points: list[dict] = field(default_factory=list)
     _next: float = 0.0
 
@@ -85,13 +89,14 @@ class Checkpointer:
             self.points.append({"step": step, "wall": wall, "cpu": cpu, "acc": acc, "per_problem": per_problem})
             if acc > max((p["acc"] for p in self.points[:-1]), default=-1.0):
                 self.on_best()
+            self.on_point(self.points[-1])
         self._next = cpu + self.every_s
 
     def after_step(self, step: int) -> str | None:
         cpu = self.clock.now()[1]
-        if cpu >= self.budget_s:
+        if cpu >= self.budget_s or time.time() >= self.stop_at:
             self.checkpoint(step)
-            return "budget"
+            return "budget" if cpu >= self.budget_s else "deadline"
         if cpu >= self._next:
             self.checkpoint(step)
             if self.plateaued():
@@ -227,7 +232,7 @@ def run_grpo(args, seed: int, lr: float, results: dict) -> dict:
         per_device_train_batch_size=r.rollout.n, gradient_accumulation_steps=1, num_train_epochs=args.grpo_epochs,
         max_completion_length=r.rollout.max_tokens, temperature=r.rollout.temperature, top_p=r.rollout.top_p,
         seed=seed, use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", report_to="none",
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, gradient_checkpointing=False)  # TRL turns it on: memory we have, compute we lack
     lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=list(t.targets),
                       bias="none", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=data,
@@ -245,7 +250,11 @@ def run_grpo(args, seed: int, lr: float, results: dict) -> dict:
 
     rmx = results.get(("rmx", seed, None))
     budget = min(args.budget_x * rmx["points"][-1]["cpu"] if rmx else math.inf, args.max_s)
-    ck = Checkpointer(clock, evaluate, args.eval_every_s, budget,
+    def record(point: dict) -> None:
+        with open(run_dir / "points.jsonl", "a") as f:
+            f.write(json.dumps(point) + "\n")
+
+    ck = Checkpointer(clock, evaluate, args.eval_every_s, budget, stop_at=args.stop_at, on_point=record,
                       on_best=lambda: trainer.model.save_pretrained(str(run_dir / "best" / "adapter")))
     state = {"stop": "epochs"}
 
@@ -275,7 +284,14 @@ METHODS = {"rmx": run_rmx, "rft": run_rft, "grpo": run_grpo}
 def load_results(out: Path) -> dict:
     path = out / "results.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    return {(r["method"], r["seed"], r["lr"]): r for r in rows}
+    results = {(r["method"], r["seed"], r["lr"]): r for r in rows}
+    for points in out.glob("grpo-seed*-lr*/points.jsonl"):  # a GRPO run still going or killed: its curve so far
+        seed, lr = points.parent.name.removeprefix("grpo-seed").split("-lr")
+        pts = [json.loads(x) for x in points.read_text().splitlines()]
+        if ("grpo", int(seed), float(lr)) not in results and pts:
+            results[("grpo", int(seed), float(lr))] = {"method": "grpo", "seed": int(seed), "lr": float(lr), "partial": True,
+                                                       "base": pts[0]["per_problem"], "points": pts, "stop": "unfinished"}
+    return results
 
 
 def report(out: Path) -> str:
@@ -330,6 +346,8 @@ def main() -> None:
     ap.add_argument("--max-s", type=float, default=math.inf, help="cap on GRPO's CPU-second budget")
     ap.add_argument("--eval-every-s", type=float, default=300.0, help="GRPO held-out scoring cadence, CPU seconds")
     ap.add_argument("--grpo-epochs", type=float, default=2.0)
+    ap.add_argument("--stop-at", type=lambda s: time.mktime(time.strptime(time.strftime("%Y-%m-%d ") + s, "%Y-%m-%d %H:%M")),
+                    default=math.inf, help="HH:MM local time: GRPO ends then with a last checkpoint (a safety net)")
     ap.add_argument("--out", default="runs/baselines")
     ap.add_argument("--set", action="append", default=[], help="recipe override for every method, e.g. threads=1")
     ap.add_argument("--report", action="store_true", help="only print the table from OUT/results.jsonl")
@@ -341,7 +359,7 @@ def main() -> None:
         for method in args.methods.split(","):
             for seed in map(int, args.seeds.split(",")):
                 for lr in (map(float, args.lrs.split(",")) if method == "grpo" else [None]):
-                    if (method, seed, lr) in results:
+                    if (method, seed, lr) in results and not results[(method, seed, lr)].get("partial"):
                         continue
                     row = {"method": method, "seed": seed, "lr": lr, "recipe": args.recipe, "set": args.set,
                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **METHODS[method](args, seed, lr, results)}
