@@ -46,10 +46,20 @@ def versions() -> dict[str, str]:
 
 
 def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
+    """The whole method; `rounds` > 1 repeats it, sampling from the previous round's adapted model (rounds.py)."""
+    if recipe.rounds > 1:
+        from rmx_local.rounds import run_rounds
+
+        return run_rounds(recipe, ui or UI())
+    return run_round(recipe, ui)
+
+
+def run_round(recipe: Recipe, ui: UI | None = None, start_adapter=None, round_no: int = 1) -> dict:
+    """One pass in `recipe.run_dir`; with `start_adapter`, that LoRA samples the rollouts and training continues it."""
     ui = ui or UI()
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(recipe, run_dir, ui)
+    ctx = RunContext(recipe, run_dir, ui, start_adapter=start_adapter, round_no=round_no)
     t_start, cpu_start = time.time(), time.process_time()
     atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
 

@@ -113,6 +113,7 @@ class Recipe:
     run_dir: str = "runs/default"
     trust_remote_code: bool = False
     threads: int = 0  # torch CPU threads (0 = all cores)
+    rounds: int = 1  # sample -> select -> gate -> train, repeated with the adapted model as the sampler; paper: 1
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -233,6 +234,8 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.train.grad_accum > 0 and r.train.batch_size > 0, "train.batch_size and train.grad_accum must be > 0"),
         (r.train.group_size >= 1, "train.group_size must be >= 1 (1 = shuffled sequences)"),
         (r.task.train_size > 0, "task.train_size must be > 0"),
+        (r.rounds >= 1, "rounds must be >= 1"),
+        (r.rounds == 1 or r.rollout.engine == "backend", "rounds > 1 needs rollout.engine = \"backend\" (the other engines sample the base, not the adapted model)"),
         (r.task.name != "jsonl" or r.task.path, "task.path is required when task.name = \"jsonl\""),
         (r.eval.n_samples >= 0, "eval.n_samples must be >= 0"),
     ]

@@ -28,6 +28,8 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
     cpu_timings: dict[str, float] = field(default_factory=dict)  # process CPU seconds (all threads) per stage
+    start_adapter: Any = None  # rounds >= 2: the previous round's LoRA, loaded (and on) with the model
+    round_no: int = 1
     _source: ModelSource | None = None
     _backend: Any = None
     _tokenizer: Any = None
@@ -49,6 +51,9 @@ class RunContext:
 
             with self.timed("load model"):
                 self._backend = load_backend(self.recipe, self.source, self.ui.line)
+                if self.start_adapter is not None:
+                    self._backend.set_adapter(self.start_adapter)
+                    self._backend.set_adapter_enabled(True)
         return self._backend
 
     @property

@@ -86,7 +86,7 @@ def run_rollouts(ctx: RunContext, problems: list[Problem]) -> list[dict]:
             for start in range(0, len(todo), group):
                 chunk = todo[start : start + group]
                 texts, ids = encode_prompts(ctx, chunk)
-                seed = ctx.recipe.seed * 1_000_003 + problems.index(chunk[0])
+                seed = ctx.recipe.seed * 1_000_003 + problems.index(chunk[0]) + (ctx.round_no - 1) * 7919
                 params = SampleParams(r.n, r.temperature, r.top_p, r.max_tokens, seed)
                 outs = engine.sample(texts, ids, params, progress=lambda k: bar.advance(0, k))
                 for p, pids, completions in zip(chunk, ids, outs):

@@ -75,7 +75,10 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     n_micro, n_steps = schedule(len(examples), t)
     batches = micro_batches(examples, n_micro, t.batch_size, r.seed, t.group_size)
     backend = ctx.backend
-    backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
+    if ctx.start_adapter is None:
+        backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
+    else:  # a later round continues the previous round's LoRA (a fresh optimizer; see rmx_local/rounds.py)
+        backend.set_adapter(ctx.start_adapter)
     every = t.checkpoint_every or n_steps
     ckpt_steps = sorted({min(s, n_steps) for s in range(every, n_steps + every, every)})
     log = Journal(folder / "log.jsonl")
