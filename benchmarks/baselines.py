@@ -294,8 +294,29 @@ def load_results(out: Path) -> dict:
     return results
 
 
+def rounds_results(out: Path, results: dict) -> dict:
+    """`rounds = R` runs made in a copy of an rmx run folder (OUT/roundsR-seedS, round 1 reused): one curve each,
+    round 1 at the rmx run's clock, round r adding its own run's clock (held-out scoring excluded)."""
+    found = {}
+    for run in sorted(out.glob("rounds*-seed*")):
+        seed = int(run.name.split("-seed")[1])
+        rmx = results.get(("rmx", seed, None))
+        if rmx is None or not (run / "rounds.json").exists():
+            continue
+        points, (wall, cpu) = list(rmx["points"]), (rmx["points"][-1]["wall"], rmx["points"][-1]["cpu"])
+        for r in range(2, len(json.loads((run / "rounds.json").read_text())) + 1):
+            s = json.loads((run / f"round-{r}" / "summary.json").read_text())
+            wall, cpu = wall + _excluding_eval(s, "timings_s"), cpu + _excluding_eval(s, "cpu_timings_s")
+            adapted = next((run / f"round-{r}" / "eval").glob(f"adapted-{s['train']['key']}-*.json"))
+            per_problem = json.loads(adapted.read_text())["greedy"]["per_problem"]
+            points.append({"step": r, "wall": wall, "cpu": cpu, "acc": float(np.mean(per_problem)), "per_problem": per_problem})
+        found[("rmx rounds", seed, None)] = {"base": rmx["base"], "points": points}
+    return found
+
+
 def report(out: Path) -> str:
     results = load_results(out)
+    results.update(rounds_results(out, results))
     lines = ["| method | seed | lr | checkpoint | wall s | CPU s | held-out acc ± SE | z vs base |", "|---|---|---|---|---:|---:|---|---:|"]
     for (method, seed, lr), r in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         best = max(r["points"], key=lambda p: (p["acc"], -p["cpu"]))
@@ -322,7 +343,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    colors = {"rmx": "tab:blue", "rft": "tab:green", "grpo": "tab:red"}
+    colors = {"rmx": "tab:blue", "rft": "tab:green", "grpo": "tab:red", "rmx rounds": "tab:purple"}
     for (method, seed, lr), r in sorted(results.items(), key=lambda kv: str(kv[0])):
         xs, ys = [p["cpu"] for p in r["points"]], [p["acc"] for p in r["points"]]
         style = "-o" if method == "grpo" else "--o"

@@ -10,6 +10,10 @@ base model (adapter off) in every round, and each round continues training the s
 round's weights (a fresh optimizer). So the correction is one LoRA of the recipe's rank whatever R (exports are
 unchanged) and the anchor bounds the total drift from the base, not only each round's step.
 
+Selection: with a validation split (`task.val_size`, or `train.select_on_train`) every round already keeps its best
+checkpoint by validation accuracy; across rounds the round with the best validation accuracy is kept (ties to the
+earlier round), so extra rounds cannot silently make the result worse. Without one, the last round is kept.
+
 Resume: every round is an ordinary run folder, so a rerun finds finished rounds cached (no model load for them)
 and continues the first unfinished one. Shortcuts: rollouts need `rollout.engine = "backend"` (llama.cpp and
 servers would sample the base); a later round's LoRA is rebuilt with lora_dropout 0; its held-out "base" is the
@@ -28,9 +32,16 @@ from rmx_local.recipe import Recipe
 from rmx_local.ui import UI
 
 
+def val_accuracy(summary: dict) -> float | None:
+    """Validation accuracy of the round's chosen checkpoint, or None without a validation split."""
+    t = summary["train"]
+    val = {int(k): v for k, v in (t.get("val") or {}).items()}
+    return val.get(int(t["best_step"]))
+
+
 def round_row(r: int, summary: dict) -> dict:
     greedy = summary["eval"].get("greedy", {})
-    return {"round": r, "sampler_train_accuracy": summary["selection"]["accuracy"], "mixed": summary["selection"]["mixed"],
+    return {"round": r, "val": val_accuracy(summary), "sampler_train_accuracy": summary["selection"]["accuracy"], "mixed": summary["selection"]["mixed"],
             "sequences": summary["train_sequences"], "tau": summary["tau"], "gated_fraction": summary["gated_fraction"],
             "steps": summary["train"]["steps"], "held_out": greedy.get("adapted"), "base": greedy.get("base"),
             "total_s": summary["total_s"], "total_cpu_s": summary.get("total_cpu_s")}
@@ -42,7 +53,7 @@ def run_rounds(recipe: Recipe, ui: UI) -> dict:
     run = Path(recipe.run_dir)
     summary = run_round(recipe, ui)
     start = load_peft(run / "train" / summary["train"]["key"] / f"step-{summary['train']['best_step']}" / "adapter")
-    rows = [round_row(1, summary)]
+    rows, adapters, summaries = [round_row(1, summary)], [start], [summary]
     for r in range(2, recipe.rounds + 1):
         sub = dataclasses.replace(recipe, run_dir=str(run / f"round-{r}"), rounds=1)
         (run / f"round-{r}" / "eval").mkdir(parents=True, exist_ok=True)
@@ -53,8 +64,13 @@ def run_rounds(recipe: Recipe, ui: UI) -> dict:
         summary = run_round(sub, ui, start_adapter=start, round_no=r)
         start = load_peft(run / f"round-{r}" / "adapter")
         rows.append(round_row(r, summary))
-    save_peft(start, run / "adapter")
+        adapters.append(start)
+        summaries.append(summary)
+    validated = [i for i, row in enumerate(rows) if row["val"] is not None]
+    best = max(validated, key=lambda i: (rows[i]["val"], -i)) if validated else len(rows) - 1
+    save_peft(adapters[best], run / "adapter")
     atomic_write_json(run / "rounds.json", rows)
-    summary = dict(summary, rounds=rows, total_s=sum(x["total_s"] for x in rows))
+    ui.line(f"rounds: kept round {best + 1} of {len(rows)}" + (" (best validation accuracy)" if validated else " (the last)"))
+    summary = dict(summaries[best], rounds=rows, chosen_round=best + 1, total_s=sum(x["total_s"] for x in rows))
     atomic_write_json(run / "summary.json", summary)
     return summary

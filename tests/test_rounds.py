@@ -106,3 +106,15 @@ def test_kill_between_rounds_resumes_with_the_same_result(model_dir, clean, tmp_
 def test_rounds_need_the_backend_sampler(model_dir, tmp_path):
     with pytest.raises(RmxError, match="rounds > 1 needs rollout.engine"):
         recipe(model_dir, tmp_path / "run", "rollout.engine=llama_cpp")
+
+
+def test_validation_keeps_the_best_round(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(select_stage, "verify_many", alternate)
+    # the random model answers no training problem right: every round ties at 0, so the earlier round 1 is kept
+    s = run_pipeline(recipe(model_dir, tmp_path / "run", "train.select_on_train=true"), UI(rich=False))
+    assert s["chosen_round"] == 1 and [r["val"] for r in s["rounds"]] == [0.0, 0.0]
+    kept, round1 = load_peft(tmp_path / "run" / "adapter"), load_peft(tmp_path / "run" / "train" / s["train"]["key"]
+                                                                      / f"step-{s['train']['best_step']}" / "adapter")
+    for name in kept.weights:
+        np.testing.assert_array_equal(kept.weights[name][1], round1.weights[name][1])
+    assert s["rounds"][1]["held_out"] is not None
