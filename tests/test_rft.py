@@ -20,7 +20,7 @@ from rmx_local.stages import RunContext
 from rmx_local.stages.select import rft_sequences
 from rmx_local.ui import UI
 from rmx_local.verify import Verdict
-from conftest import char_tokenizer, tiny_llama
+from test_pipeline import model_dir  # noqa: F401 (a fixture)
 
 
 def plain_ce(model, examples):
@@ -71,11 +71,8 @@ def test_rft_keeps_every_correct_rollout_of_every_problem(tmp_path, monkeypatch)
     assert all(s["advantage"] == 1.0 for s in seqs)
 
 
-def test_rft_run_reuses_the_rollouts_and_trains_without_anchor(tmp_path, monkeypatch):
-    d = tmp_path / "model"
-    tok = char_tokenizer()
-    tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
+def test_rft_run_reuses_the_rollouts_and_trains_without_anchor(model_dir, tmp_path, monkeypatch):
+    d = model_dir
     monkeypatch.setattr(select_stage, "verify_many", lambda t, g, timeout_s=5.0: [Verdict(i % 4 != 0, "1") for i in range(len(t))])
     base = [f"model={json.dumps(str(d))}", f"run_dir={json.dumps(str(tmp_path / 'run'))}", "task.train_size=4",
             "task.eval_size=2", "rollout.n=4", "rollout.max_tokens=5", "eval.max_tokens=3", "eval.n_samples=0",

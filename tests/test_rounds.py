@@ -14,21 +14,7 @@ from rmx_local.errors import RmxError
 from rmx_local.pipeline import run_pipeline
 from rmx_local.recipe import load_recipe
 from rmx_local.ui import UI
-from rmx_local.verify import Verdict
-from conftest import char_tokenizer, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = char_tokenizer()
-    tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def alternate(t, g, timeout_s=5.0):
-    return [Verdict(i % 2 == 0, "1") for i in range(len(t))]
+from test_pipeline import alternate, model_dir  # noqa: F401 (a fixture): the same tiny model and fake verifier
 
 
 def recipe(model_dir, run_dir, *extra):
