@@ -320,8 +320,8 @@ def report(out: Path) -> str:
     lines = ["| method | seed | lr | checkpoint | wall s | CPU s | held-out acc ± SE | z vs base |", "|---|---|---|---|---:|---:|---|---:|"]
     for (method, seed, lr), r in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         best = max(r["points"], key=lambda p: (p["acc"], -p["cpu"]))
-        shown = [("base", r["points"][0]), ("end", r["points"][-1])] + ([("best", best)] if best is not r["points"][-1] and best["step"] else [])
-        for label, p in shown:
+        for i, p in enumerate(r["points"]):
+            label = "base" if i == 0 else "end" if i == len(r["points"]) - 1 else "best" if p is best else "checkpoint"
             acc, se, z = paired(p.get("per_problem", r["base"]), r["base"])
             lines.append(f"| {method} | {seed} | {lr if lr is not None else ''} | {label} (step {p['step']}) | {p['wall']:.0f} | "
                          f"{p['cpu']:.0f} | {acc:.3f} ± {se:.3f} | {z:+.1f} |")
