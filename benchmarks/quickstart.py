@@ -1,4 +1,4 @@
-"""Run the quickstart recipe from scratch and print the table the README quotes.
+"""Run the quickstart recipe from scratch and print the table docs/results.md quotes.
 
     python benchmarks/quickstart.py [--recipe recipes/quickstart.toml] [--run-dir runs/bench-quickstart] [key=value ...]
 

@@ -8,7 +8,7 @@ evaluation excluded, so the anchor is the pure decode speed and the ratio is con
 
     python benchmarks/rollouts.py                       # all rows, embedded SmolLM2-135M-Instruct (Q4_1)
     python benchmarks/rollouts.py --max-tokens 256 --n 8 --skip torch,openai --threads 1
-    python benchmarks/rollouts.py --prompts 56 --n 8 --max-tokens 64 --parallel 8,32 --skip openai --brief  # quickstart-shaped
+    python benchmarks/rollouts.py --prompts 55 --n 8 --max-tokens 64 --parallel 16,32 --skip torch,openai --brief  # quickstart-shaped
 """
 
 from __future__ import annotations

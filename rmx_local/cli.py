@@ -51,7 +51,7 @@ def _recipe_path(name: str) -> Path:
 @main.command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe, estimate memory and time, and exit.")
 @click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
 def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> None:
     """Run the whole pipeline for RECIPE (a path or a bundled name), with key=value OVERRIDES."""
@@ -61,6 +61,9 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
     ui = UI(rich=False if plain else None)
     ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
     if dry_run:
+        from rmx_local.plan import print_plan
+
+        print_plan(r, ui)
         return
     from rmx_local.pipeline import run_pipeline
 
@@ -164,6 +167,38 @@ def chat(target: str, runtime: str, compare: bool, max_tokens: int, temperature:
     from rmx_local.chat import chat_loop
 
     chat_loop(target, runtime=runtime, compare=compare, max_tokens=max_tokens, temperature=temperature, base=base)
+
+
+@main.command("eval")
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--data", "data", multiple=True, required=True, help="arith:single|word|two_step, a .jsonl/.json/.csv/.parquet "
+              "file, a save_to_disk folder, or a hub id org/name[:config[:split]]. Repeatable.")
+@click.option("--limit", type=int, default=None, help="Score a seeded random subset of this many problems per data set.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the subset and of sampling.")
+@click.option("--n-samples", default=1, show_default=True, help="Samples per problem (>1: pass@1, pass@k, maj@k).")
+@click.option("--temperature", default=0.6, show_default=True, help="Sampling temperature (with --n-samples > 1).")
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Default: the run target's eval.max_tokens, else 512.")
+@click.option("--runtime", "runtimes", multiple=True, default=("torch",), show_default=True,
+              help="torch and/or llama_cpp (GGUF base + GGUF adapter); repeat or comma-separate.")
+@click.option("--kl", is_flag=True, help="Mean per-token KL(base || adapted) on the base's greedy completions (torch).")
+@click.option("--template", type=click.Choice(["auto", "chat", "raw"]), default=None, help="Default: the run's.")
+@click.option("--instruction", default=None, help="Text after the question. Default: the run's.")
+@click.option("--question-field", default=None, help="Column, or a template like '{Body} {Question}'.")
+@click.option("--answer-field", default=None, help="Column holding the gold answer.")
+@click.option("--base", default=None, help="Base model spec for the adapters (default: the one they name).")
+@click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all).")
+@click.option("--batch-size", default=64, show_default=True, help="Sequences decoded together.")
+@click.option("--out", default=None, type=click.Path(), help="Write problems.jsonl and summary.json here.")
+@click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
+def eval_command(targets: tuple[str, ...], plain: bool, **options) -> None:
+    """Score TARGETS (run folders, PEFT folders, GGUF adapters, model specs, `base`) on --data, paired with the first."""
+    from rmx_local.eval import EvalOptions, print_report, run_eval
+    from rmx_local.ui import UI
+
+    ui = UI(rich=False if plain else None)
+    options["data"], options["runtimes"] = list(options["data"]), list(options["runtimes"])
+    print_report(ui, run_eval(list(targets), EvalOptions(**options), ui))
 
 
 @main.command()

@@ -23,10 +23,10 @@ PAPER_GATE_FRACTION = 0.05
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # arith | jsonl
+    name: str = "arith"  # arith | data (`jsonl` is its old name)
     difficulty: str = "single"  # arith only: single | word | two_step
-    path: str = ""  # jsonl only: GSM8K-format ({question, answer "#### N"}) or {problem, answer}
-    eval_path: str = ""  # jsonl only: held-out file (default: split from `path`)
+    path: str = ""  # data only: a file, save_to_disk folder or hub id, any layout `rmx_local.data` detects
+    eval_path: str = ""  # data only: held-out problems, same forms (default: split from `path`)
     template: str = "auto"  # auto (chat if the tokenizer has one) | chat | raw
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # after the question
     train_size: int = 55  # candidate problems for rollouts (arith single has 255 problems: 55 + 200 held out)
@@ -36,22 +36,27 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
+    """Stage 1: K sampled completions per training problem from the frozen base; `engine` picks who samples."""
+
     engine: str = "backend"  # backend | llama_cpp | openai | auto
     n: int = 20  # K rollouts per problem
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 512
+    temperature: float = 0.6  # sampling temperature (0 = greedy)
+    top_p: float = 0.95  # nucleus cut on the tempered distribution
+    max_tokens: int = 512  # completion token limit per rollout
     batch_size: int = 64  # sequences decoded together
     base_url: str = ""  # openai engine
     api_model: str = ""  # openai engine: model name on the server
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    timeout_s: float = 120.0
+    api_key_env: str = "OPENAI_API_KEY"  # openai engine: variable holding the bearer key (unset is fine locally)
+    concurrency: int = 8  # openai engine: requests in flight
+    timeout_s: float = 120.0  # openai engine: seconds per socket operation of one request
+    # openai engine: retries of connection errors, timeouts, 429 and 5xx, with exponential backoff
     retries: int = 4
 
 
 @dataclass
 class SelectConfig:
+    """Stage 2: grade every rollout, keep the mixed problems, compute advantages."""
+
     max_problems: int = 50  # mixed problems kept, closest to 50% correct first
     trim_longest: float = 0.0  # drop this fraction of the longest rollouts
     advantage_clip: float = 2.5  # A = (r - mean) / max(std, 1e-8), clipped to +-this
@@ -59,7 +64,10 @@ class SelectConfig:
 
 @dataclass
 class GateConfig:
+    """Stage 3: teacher-forced base entropies and the decision-point gate D = {t : H_t > tau}."""
+
     mode: str = "fraction"  # fraction (tau chosen so `fraction` of completion tokens pass) | tau
+    # mode tau: decision points are the completion tokens whose base entropy H_t exceeds tau (nats)
     tau: float = PAPER_TAU
     fraction: float = PAPER_GATE_FRACTION
     batch_size: int = 8  # sequences per teacher-forced scoring pass
@@ -67,19 +75,21 @@ class GateConfig:
 
 @dataclass
 class TrainConfig:
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    epochs: float = 1.0
-    batch_size: int = 1
-    grad_accum: int = 8
+    """Stage 4: the LoRA correction and its optimizer (AdamW, linear warmup then linear decay)."""
+
+    lora_rank: int = 32  # LoRA rank r
+    lora_alpha: float = 64.0  # LoRA scale alpha (the update is alpha / r * B @ A)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch input
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # layers with LoRA
+    lr: float = 1e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 50  # linear warmup steps, then linear decay to 0
+    epochs: float = 1.0  # passes over the selected rollouts (fractions allowed)
+    batch_size: int = 1  # sequences per micro-batch (one forward)
+    grad_accum: int = 8  # micro-batches per optimizer step
     group_size: int = 1  # shuffle groups of this many rollouts of one problem (prompt computed once per group); paper: 1
-    grad_clip: float = 1.0
-    kl_coef: float = 0.2
+    grad_clip: float = 1.0  # global gradient-norm clip
+    kl_coef: float = 0.2  # weight of the KL(p_base || p_theta) anchor on the tokens outside the gate
     negative_ce_cap: float = 0.0  # 0 = unbounded (paper); >0 stops pushing a negative token once its CE exceeds this
     positive_only: bool = False  # control: drop negative-advantage rollouts
     random_gate: bool = False  # control: gate a random set of the same size instead of high-entropy tokens
@@ -90,28 +100,35 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Stage 5: base vs adapted on the held-out problems."""
+
     n_samples: int = 4  # sampled completions per problem for pass@1 (mean ± standard error)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    greedy: bool = True
+    temperature: float = 0.6  # sampling temperature for pass@1
+    top_p: float = 0.95  # nucleus cut for pass@1
+    greedy: bool = True  # score greedy accuracy (one greedy completion per problem)
+    # completion token limit in evaluation (and in checkpoint validation)
     max_tokens: int = 512
+    batch_size: int = 0  # sequences decoded together (0 = rollout.batch_size); the KV cache grows with it
 
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = field(default_factory=list)  # gguf | mlx | peft | ollama | all
+    """Adapter formats written at the end of a run (`rmx-local export` writes them later too)."""
+
+    formats: list[str] = field(default_factory=list)  # written at the end of a run: gguf | mlx | peft | ollama | all
+    # GGUF adapter tensor type (q8_0 falls back to f16 for tensors whose rows are not a multiple of 32)
     outtype: str = "f16"
 
 
 @dataclass
 class Recipe:
-    model: str = "embedded:smollm2-135m-instruct"
+    model: str = "embedded:smollm2-135m-instruct"  # embedded:NAME | a transformers folder | a .gguf file | a hub id
     backend: str = "torch"  # torch | mlx | auto
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
-    seed: int = 0
-    run_dir: str = "runs/default"
-    trust_remote_code: bool = False
+    seed: int = 0  # problem split, rollout sampling, data order and LoRA init
+    run_dir: str = "runs/default"  # the run folder: every output, and what a rerun resumes from
+    trust_remote_code: bool = False  # let transformers run a hub model's own code
     threads: int = 0  # torch CPU threads (0 = all cores)
     rounds: int = 1  # sample -> select -> gate -> train, repeated with the adapted model as the sampler; paper: 1
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -139,7 +156,7 @@ CHOICES = {
     "backend": {"torch", "mlx", "auto"},
     "device": {"auto", "cpu", "cuda", "mps"},
     "dtype": {"auto", "float32", "bfloat16", "float16"},
-    "task.name": {"arith", "jsonl"},
+    "task.name": {"arith", "data", "jsonl"},
     "task.difficulty": {"single", "word", "two_step"},
     "task.template": {"auto", "chat", "raw"},
     "rollout.engine": {"backend", "llama_cpp", "openai", "auto"},
@@ -236,8 +253,9 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.task.train_size > 0, "task.train_size must be > 0"),
         (r.rounds >= 1, "rounds must be >= 1"),
         (r.rounds == 1 or r.rollout.engine == "backend", "rounds > 1 needs rollout.engine = \"backend\" (the other engines sample the base, not the adapted model)"),
-        (r.task.name != "jsonl" or r.task.path, "task.path is required when task.name = \"jsonl\""),
+        (r.task.name == "arith" or r.task.path, f"task.path is required when task.name = \"{r.task.name}\""),
         (r.eval.n_samples >= 0, "eval.n_samples must be >= 0"),
+        (r.eval.batch_size >= 0, "eval.batch_size must be >= 0 (0 = rollout.batch_size)"),
     ]
     for ok, msg in checks:
         if not ok:

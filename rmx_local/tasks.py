@@ -1,4 +1,4 @@
-"""Problems and prompts: a seeded arithmetic generator, JSONL loading (GSM8K or generic), prompt building.
+"""Problems and prompts: a seeded arithmetic generator and prompt building (files and hub data: `rmx_local.data`).
 
 Arithmetic problems (`arith_problems`). Every difficulty has a finite space of S distinct questions
 (`arith_space_size`: single 255, word 84,816, two_step 9,254). Problem index i is element (i mod S) of a
@@ -13,10 +13,8 @@ train for small spaces, so either pick offsets with `arith_space_size` or dedupe
 from __future__ import annotations
 
 import functools
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from rmx_local.errors import RmxError
@@ -146,48 +144,6 @@ def arith_problems(difficulty: str, n: int, seed: int, offset: int = 0) -> list[
     return problems
 
 
-# ---------------------------------------------------------------- JSONL files
-
-def _gold_from(answer: Any) -> str:
-    """GSM8K answers carry their gold after '#### ' (commas stripped); other answers are taken as they are."""
-    text = str(answer).strip()
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().replace(",", "")
-    return text
-
-
-def load_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from a JSONL file: GSM8K (`question`, `answer` with '#### gold') or `problem`/`question` + `answer`.
-
-    Ids are f"{file stem}-{line number}" (1-based, blank lines count), so they are stable while the file is.
-    """
-    p = Path(path)
-    fix_format = 'write one JSON object per line, e.g. {"question": "What is 2 + 3?", "answer": "5"}'
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()  # tolerate a BOM
-    except FileNotFoundError:
-        raise RmxError(f"{path}: problems file not found", fix="check the path (relative to the current folder)")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RmxError(f"{path}: cannot read problems file ({type(e).__name__})", fix="point to a UTF-8 .jsonl file")
-    problems = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RmxError(f"{where}: not valid JSON ({e.msg})", fix=fix_format) from None
-        question = obj.get("question", obj.get("problem")) if isinstance(obj, dict) else None
-        answer = obj.get("answer") if isinstance(obj, dict) else None
-        if not isinstance(question, str) or not question.strip() or answer is None or not _gold_from(answer):
-            raise RmxError(f"{where}: needs a non-empty 'question' (or 'problem') and 'answer'", fix=fix_format)
-        problems.append(Problem(id=f"{p.stem}-{lineno}", question=question.strip(), answer=_gold_from(answer)))
-    if not problems:
-        raise RmxError(f"{path}: no problems in file (it is empty)", fix=fix_format)
-    return problems
-
-
 # ---------------------------------------------------------------- prompts
 
 def build_prompt(tokenizer: Any, question: str, template: str, instruction: str = INSTRUCTION) -> str:
@@ -206,3 +162,19 @@ def build_prompt(tokenizer: Any, question: str, template: str, instruction: str 
                        fix='use template = "raw" (or "auto") for base models')
     messages = [{"role": "user", "content": question + "\n" + instruction}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def resolve_template(tokenizer: Any, template: str) -> str:
+    """"auto" -> "chat" when the tokenizer has a chat template, else "raw"; others unchanged."""
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+    return template
+
+
+def encode_prompts(tokenizer: Any, questions: list[str], template: str, instruction: str) -> tuple[list[str], list[list[int]]]:
+    """(prompt texts, prompt token ids) for the questions, as every stage and `rmx-local eval` feed them."""
+    template = resolve_template(tokenizer, template)
+    texts = [build_prompt(tokenizer, q, template, instruction) for q in questions]
+    # chat templates already spell out their special tokens; the raw template relies on the tokenizer's BOS
+    ids = [tokenizer(s, add_special_tokens=(template == "raw")).input_ids for s in texts]
+    return texts, ids

@@ -32,7 +32,9 @@ class StageBar:
         elif (items or tokens) and (time.time() - self._last_line > 10 or (items and self.done >= self.total)):
             self._last_line = time.time()
             tok = f", {rate:,.0f} tok/s" if self.tokens else ""
-            self.ui.line(f"{self.name}: {self.done}/{self.total} {self.unit}{tok}")
+            elapsed = time.time() - self.start
+            eta = f", ETA {elapsed * (self.total - self.done) / self.done:.0f} s" if 0 < self.done < self.total else ""
+            self.ui.line(f"{self.name}: {self.done}/{self.total} {self.unit}{tok}{eta}")
 
     @property
     def tokens_per_s(self) -> float:

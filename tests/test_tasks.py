@@ -1,10 +1,8 @@
-"""Arithmetic generator, JSONL loading and prompt building (no network, no real tokenizer)."""
+"""Arithmetic generator and prompt building (no network, no real tokenizer); data files: test_data.py."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -12,11 +10,9 @@ from rmx_local.errors import RmxError
 from rmx_local.tasks import (
     DIFFICULTIES,
     INSTRUCTION,
-    Problem,
     arith_problems,
     arith_space_size,
     build_prompt,
-    load_jsonl,
 )
 
 
@@ -100,61 +96,6 @@ def test_arith_errors() -> None:
         arith_problems("hard", 1, seed=0)
     with pytest.raises(RmxError):
         arith_problems("single", -1, seed=0)
-
-
-# ---------------------------------------------------------------- JSONL
-
-
-def _write(tmp_path: Path, name: str, lines: list[str]) -> str:
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
-
-
-def test_load_gsm8k_format(tmp_path: Path) -> None:
-    path = _write(tmp_path, "gsm8k-train.jsonl", [
-        json.dumps({"question": "Sam has 1,000 coins and gets 234 more. How many?",
-                    "answer": "1000 + 234 = <<1000+234=1234>>1234\n#### 1,234"}),
-        "",
-        json.dumps({"question": " What is 2 + 3? ", "answer": "2 + 3 = 5\n#### 5"}),
-    ])
-    assert load_jsonl(path) == [
-        Problem("gsm8k-train-1", "Sam has 1,000 coins and gets 234 more. How many?", "1234"),
-        Problem("gsm8k-train-3", "What is 2 + 3?", "5"),
-    ]
-
-
-def test_load_generic_format(tmp_path: Path) -> None:
-    path = _write(tmp_path, "math.jsonl", [
-        json.dumps({"problem": "Compute 1/2 + 1/4.", "answer": "\\frac{3}{4}", "solution": "..."}),
-        json.dumps({"question": "What is 6 x 7?", "answer": 42}),
-    ])
-    assert [(p.id, p.answer) for p in load_jsonl(path)] == [("math-1", "\\frac{3}{4}"), ("math-2", "42")]
-
-
-@pytest.mark.parametrize("lines,match", [
-    ([], "no problems"),
-    (["", "   "], "no problems"),
-    (['{"question": "q", "answer": "1"}', "{not json"], r"bad\.jsonl:2: not valid JSON"),
-    (['{"question": "q"}'], r"bad\.jsonl:1: needs"),
-    (['{"text": "q", "answer": "1"}'], r"bad\.jsonl:1: needs"),
-    (['["q", "1"]'], r"bad\.jsonl:1: needs"),
-    (['{"question": "q", "answer": "7"}', '{"question": "q", "answer": "steps\\n#### "}'],
-     r"bad\.jsonl:2: needs"),
-])
-def test_load_errors_name_the_file(tmp_path: Path, lines: list[str], match: str) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    with pytest.raises(RmxError, match=match) as e:
-        load_jsonl(str(path))
-    assert str(path) in str(e.value) and e.value.fix
-
-
-def test_load_missing_file(tmp_path: Path) -> None:
-    missing = str(tmp_path / "nope.jsonl")
-    with pytest.raises(RmxError, match="not found") as e:
-        load_jsonl(missing)
-    assert missing in str(e.value) and e.value.fix
 
 
 # ---------------------------------------------------------------- prompts

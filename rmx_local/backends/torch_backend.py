@@ -2,7 +2,11 @@
 (torch_sampling) and prompt-sharing packed forwards for entropies and training (torch_packing).
 
 CPU runs in fp32; CUDA in bf16 (LoRA weights stay fp32, PEFT's default). Base logits for the KL anchor and
-for entropy scoring come from the same model with the LoRA layers switched off.
+for entropy scoring come from the same model with the LoRA layers switched off. Full-vocabulary work (entropy,
+KL, CE) runs a chunk of positions at a time from the decoder's hidden states (torch_vocab), so its memory is
+bounded by `logits_budget` bytes (default `torch_vocab.LOGITS_BUDGET_BYTES`) instead of batch x length x vocab.
+A training micro-batch whose activations would pass `activation_budget` bytes (estimated: `saved_floats` per token
+per layer kept for backward) runs as several packed forward/backward passes; the gradients add up to the same sum.
 """
 
 from __future__ import annotations
@@ -16,9 +20,22 @@ import torch
 from rmx_local.adapter import PEFT_PREFIX, LoraAdapter, model_facts
 from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions
 from rmx_local.errors import RmxError
-from rmx_local.backends.torch_packing import pack, packed_logits
+from rmx_local.backends.torch_packing import pack, packed_logits, split_passes
 from rmx_local.backends.torch_sampling import decode
+from rmx_local.backends.torch_vocab import (LOGITS_BUDGET_BYTES, chunk_rows, chunked_entropy, flat_positions, lse_and_kl,
+                                            packed_hidden, split_head, target_logits)
 from rmx_local.loss import combine_terms, position_terms, prediction_gate, token_entropy
+
+
+ACTIVATION_BUDGET_BYTES = 320 * 2**20  # activations of one training pass (it holds one sequence at least)
+
+
+def saved_floats(hidden: int, intermediate: int) -> int:
+    """Floats one decoder layer holds per token through a training pass with LoRA on attention: the tensors saved
+    for backward (norm inputs and outputs, q, attention output, LoRA inputs; MLP gate, activation, up, product) and
+    the backward's transients. Fitted to two measurements, fp32: SmolLM2-135M 1.9 MB a token (30 layers), the
+    Qwen2.5-1.5B shape 6.2 MB a token (28 layers, one 1,064-token sequence)."""
+    return 20 * hidden + 3 * intermediate
 
 
 def pick_device(name: str) -> str:
@@ -57,6 +74,9 @@ class TorchBackend:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        self.split = split_head(self.model)  # (decoder, head) for chunked full-vocabulary passes; None = full logits
+        self.logits_budget = LOGITS_BUDGET_BYTES
+        self.activation_budget = ACTIVATION_BUDGET_BYTES
 
     @classmethod
     def load(cls, source, recipe, note=lambda s: None) -> "TorchBackend":
@@ -86,14 +106,31 @@ class TorchBackend:
         return group_completions(out, len(prompts), params)
 
     # ---- entropy scoring ------------------------------------------------------------------------
+    def _rows(self) -> int:
+        return chunk_rows(self.model.config.vocab_size, self.logits_budget)
+
     @torch.inference_mode()
     def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
         """One packed forward per call: rollouts that share a prompt share its forward (see torch_packing)."""
         packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
         with self._adapter_off():
-            entropy = token_entropy(packed_logits(self.model, packed))  # (R, L)
-        return [entropy[packed.row[i], packed.index[i][p - 1 :]].cpu().numpy().astype(np.float32)
-                for i, (_, p) in enumerate(sequences)]
+            if self.split is None:
+                entropy = token_entropy(packed_logits(self.model, packed))  # (R, L)
+                return [entropy[packed.row[i], packed.index[i][p - 1 :]].cpu().numpy().astype(np.float32)
+                        for i, (_, p) in enumerate(sequences)]
+            decoder, head = self.split
+            unique, where = flat_positions(packed, [p - 1 for _, p in sequences])  # completion-predicting positions
+            entropy = chunked_entropy(packed_hidden(decoder, packed)[unique], head, self._rows())
+        return [entropy[w].cpu().numpy().astype(np.float32) for w in where]
+
+    @torch.inference_mode()
+    def kl_from_base(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """KL(base || adapted) (nats) of the distributions predicting each completion token (`rmx-local eval --kl`)."""
+        packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
+        with self._adapter_off():
+            base_logits = packed_logits(self.model, packed)
+        _, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        return [kl[packed.row[i], packed.index[i][p - 1 :]].float().cpu().numpy() for i, (_, p) in enumerate(sequences)]
 
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
@@ -111,6 +148,7 @@ class TorchBackend:
         with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(self.model, config)
+        self.split = split_head(self.model)  # a LoRA on the output head disables the chunked path
         self.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
@@ -128,30 +166,56 @@ class TorchBackend:
             yield
 
     def accumulate(self, batch: list[TrainExample], kl_coef: float, negative_ce_cap: float, scale: float) -> dict[str, float]:
-        """One packed forward for the batch (adapter off, then on); the loss is the mean of sequence losses."""
+        """Packed forwards (adapter off, then on) and backward; the loss is the mean of sequence losses. A batch over
+        `activation_budget` is cut into passes (`split_passes`) whose gradients add up."""
+        cfg = self.model.config
+        inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        per_token = cfg.num_hidden_layers * saved_floats(cfg.hidden_size, inter) * self.model.dtype.itemsize
+        pieces = split_passes([(ex.tokens, ex.prompt_len) for ex in batch], max(1, self.activation_budget // per_token))
+        totals: dict[str, float] = {}
         self.model.train()
-        packed = pack([(ex.tokens, ex.prompt_len) for ex in batch], self.pad_id, self.model.dtype, self.device)
-        if kl_coef:
+        for piece in pieces:
+            part = [batch[i] for i in piece]
+            packed = pack([(ex.tokens, ex.prompt_len) for ex in part], self.pad_id, self.model.dtype, self.device)
+            terms = self._chunked_terms(packed) if self.split is not None else self._full_terms(packed, bool(kl_coef))
+            total = 0.0
+            for ex, (ce, kl) in zip(part, terms):
+                g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
+                loss, metrics = combine_terms(ce, kl, g, ex.advantage, kl_coef, negative_ce_cap)
+                total = total + loss / len(batch)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / len(batch)
+            if not torch.isfinite(total):
+                self.model.eval()
+                raise RmxError("training: loss is NaN/inf", fix="lower train.lr, set train.negative_ce_cap, or use dtype = \"float32\"")
+            (total * scale).backward()
+        self.model.eval()
+        return totals
+
+    def _full_terms(self, packed, with_kl: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence (CE, KL) over its T-1 positions, from full (R, L, V) logits. Without the anchor (kl_coef 0,
+        e.g. train.objective = "rft") the base forward is skipped and KL is 0."""
+        if with_kl:
             with torch.no_grad(), self._adapter_off():
                 base_logits = packed_logits(self.model, packed)
             logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
-        else:  # no anchor (e.g. train.objective = "rft"): the base forward would only be multiplied by 0
+        else:
             logp = torch.log_softmax(packed_logits(self.model, packed).float(), dim=-1)
             kl = logp.new_zeros(logp.shape[:-1])
-        total, totals = 0.0, {}
-        for i, ex in enumerate(batch):
-            row, idx = packed.row[i], packed.index[i]
-            ce = -logp[row, idx, packed.targets[i]]
-            g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
-            loss, metrics = combine_terms(ce, kl[row, idx], g, ex.advantage, kl_coef, negative_ce_cap)
-            total = total + loss / len(batch)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batch)
-        if not torch.isfinite(total):
-            raise RmxError("training: loss is NaN/inf", fix="lower train.lr, set train.negative_ce_cap, or use dtype = \"float32\"")
-        (total * scale).backward()
-        self.model.eval()
-        return totals
+        return [(-logp[row, idx, t], kl[row, idx]) for row, idx, t in zip(packed.row, packed.index, packed.targets)]
+
+    def _chunked_terms(self, packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same terms from hidden states, the vocabulary a chunk of positions at a time (torch_vocab)."""
+        decoder, head = self.split
+        unique, where = flat_positions(packed, [0] * len(packed.row))
+        with torch.no_grad(), self._adapter_off():
+            base_hidden = packed_hidden(decoder, packed)[unique]
+        hidden = packed_hidden(decoder, packed)[unique]
+        lse, kl = lse_and_kl(hidden, base_hidden, head, self._rows())
+        where_all = torch.cat(where)
+        ce = lse[where_all] - target_logits(hidden[where_all], head, torch.cat(packed.targets))
+        sizes = [w.numel() for w in where]
+        return list(zip(torch.split(ce, sizes), [kl[w] for w in where]))
 
     def step(self, lr: float, weight_decay: float, grad_clip: float) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

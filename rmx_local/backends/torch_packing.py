@@ -77,3 +77,23 @@ def pack(sequences: list[tuple[list[int], int]], pad_id: int, dtype: torch.dtype
 def packed_logits(model, packed: Packed) -> torch.Tensor:
     """(R, L, V) logits of a packed batch."""
     return model(input_ids=packed.ids, position_ids=packed.positions, attention_mask=packed.mask).logits
+
+
+def split_passes(sequences: list[tuple[list[int], int]], max_tokens: int) -> list[list[int]]:
+    """Cut a batch, in order, into pieces whose packed length (each distinct prompt once, plus every completion)
+    stays within `max_tokens`; a piece holds at least one sequence. Gradients of the pieces add up to the batch's."""
+    pieces: list[list[int]] = []
+    size, prompts = 0, set()
+    for i, (tokens, p) in enumerate(sequences):
+        prompt = tuple(tokens[:p])
+        cost = len(tokens) - p + (0 if prompt in prompts else p)
+        if pieces and size + cost > max_tokens:
+            pieces.append([])
+            size, prompts = 0, set()
+            cost = len(tokens)
+        if not pieces:
+            pieces.append([])
+        pieces[-1].append(i)
+        size += cost
+        prompts.add(prompt)
+    return pieces

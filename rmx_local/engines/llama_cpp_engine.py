@@ -30,6 +30,9 @@ How it samples (shortcuts stated):
     exact: the model may sample "\n" "\n" where the tokenizer writes "\n\n". Otherwise the completion is
     detokenized (special tokens rendered; invalid UTF-8, e.g. a cut multi-byte character, dropped) and
     re-tokenized with the training tokenizer.
+  - LoRA (`lora_path`, for `rmx-local eval --runtime llama_cpp`): a GGUF adapter is loaded with the model and
+    attached to every context at scale 1, exactly as llama-cpp-python's `Llama(lora_path=...)` does; a file
+    llama.cpp refuses (another architecture or shapes) is one RmxError.
   - Flash attention is off by default: with it, greedy SmolLM2 completions drift from transformers' within a few
     tokens (numerics), without it they match.
 The model and context are loaded on first use and kept; the context is rebuilt only when a call needs more room.
@@ -66,8 +69,10 @@ class _Seq:
 class LlamaCppEngine:
     name = "llama_cpp"
 
-    def __init__(self, gguf_path: str, tokenizer: Any, threads: int = 0, parallel: int = 8, flash_attn: bool = False):
-        self.gguf_path, self.tokenizer = gguf_path, tokenizer
+    def __init__(self, gguf_path: str, tokenizer: Any, threads: int = 0, parallel: int = 8, flash_attn: bool = False,
+                 lora_path: str | None = None):
+        self.gguf_path, self.tokenizer, self.lora_path = gguf_path, tokenizer, lora_path
+        self.lora = None
         self.threads = threads or cpu_count()
         self.parallel, self.flash_attn = max(1, parallel), flash_attn
         self.same_vocab = False  # set at load: return llama.cpp's ids unchanged
@@ -86,6 +91,11 @@ class LlamaCppEngine:
             if not self.model:
                 raise RmxError(f"llama.cpp cannot load {self.gguf_path}",
                                fix='check that the file is a complete GGUF, or set rollout.engine = "backend"')
+            if self.lora_path:
+                self.lora = llama_cpp.llama_adapter_lora_init(self.model, str(self.lora_path).encode())
+                if not self.lora:
+                    raise RmxError(f"llama.cpp refused the LoRA adapter {self.lora_path} for {self.gguf_path}",
+                                   fix="use the adapter exported for this base model (architecture and shapes must match)")
             self.vocab = llama_cpp.llama_model_get_vocab(self.model)
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
             self.same_vocab = self._vocab_matches()
@@ -118,6 +128,10 @@ class LlamaCppEngine:
         self.ctx = ll.llama_init_from_model(self.model, p)
         if not self.ctx:
             raise RmxError(f"llama.cpp could not create a context of {p.n_ctx} tokens", fix="lower rollout.batch_size or rollout.max_tokens")
+        if self.lora:
+            adapters, scales = (ll.llama_adapter_lora_p_ctypes * 1)(self.lora), (ctypes.c_float * 1)(1.0)
+            if ll.llama_set_adapters_lora(self.ctx, adapters, 1, scales):
+                raise RmxError(f"llama.cpp could not attach the LoRA adapter {self.lora_path}", fix="re-export the adapter")
         self.batch = ll.llama_batch_init(p.n_batch, 0, 1)
         self.n_batch, self.ctx_cells = p.n_batch, cells
         self.mem = ll.llama_get_memory(self.ctx)
@@ -130,6 +144,9 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         self._free_context()
+        if self.lora:
+            self.ll.llama_adapter_lora_free(self.lora)
+            self.lora = None
         if self.model is not None:
             self.ll.llama_model_free(self.model)
             self.model = None

@@ -13,31 +13,20 @@ import math
 import numpy as np
 
 from rmx_local.backends import SampleParams
+from rmx_local.eval import Prompt, score_problems
 from rmx_local.io import atomic_write_json, read_json
 from rmx_local.stages import RunContext
-from rmx_local.stages.rollouts import encode_prompts
 from rmx_local.tasks import Problem
-from rmx_local.verify import verify_many
 
 
 def score(ctx: RunContext, problems: list[Problem], params: SampleParams, label: str) -> dict:
-    """Per-problem correctness for the backend's current adapter state."""
-    texts, ids = encode_prompts(ctx, problems)
-    outs: list[list[list[int]]] = []
-    group = max(1, ctx.recipe.rollout.batch_size // max(params.n, 1))
-    with ctx.ui.stage(label, len(problems), "problems") as bar:
-        for start in range(0, len(problems), group):
-            chunk = ids[start : start + group]
-            outs += ctx.backend.generate(chunk, params, progress=lambda k: bar.advance(0, k))
-            bar.advance(len(chunk))
-    completions = [ctx.tokenizer.decode(c, skip_special_tokens=True) for o in outs for c in o]
-    golds = [p.answer for p, o in zip(problems, outs) for _ in o]
-    verdicts = verify_many(completions, golds)
-    n = params.n if params.temperature > 0 else 1
-    correct = np.array([v.correct for v in verdicts], dtype=np.float64).reshape(len(problems), -1)[:, :n]
-    unparsed = np.array([v.parsed is None for v in verdicts], dtype=np.float64).reshape(len(problems), -1)[:, :n]
-    return {"per_problem": correct.mean(1).tolist(), "unparseable": float(unparsed.mean()),
-            "tokens": sum(len(c) for o in outs for c in o[:n]), "example": completions[0] if completions else ""}
+    """Per-problem correctness for the backend's current adapter state, by the scorer `rmx-local eval` uses."""
+    t = ctx.recipe.task
+    records = score_problems(ctx.backend, problems, Prompt(t.template, t.instruction), params,
+                             batch_size=ctx.recipe.eval.batch_size or ctx.recipe.rollout.batch_size, ui=ctx.ui, label=label)
+    parsed = [p for r in records for p in r.parsed]
+    return {"per_problem": [r.score for r in records], "unparseable": sum(p is None for p in parsed) / max(len(parsed), 1),
+            "tokens": sum(t for r in records for t in r.tokens), "example": records[0].completions[0] if records else ""}
 
 
 def evaluate_model(ctx: RunContext, problems: list[Problem], label: str) -> dict:

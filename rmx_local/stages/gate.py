@@ -4,7 +4,7 @@ H_t is the full-vocabulary entropy (nats, fp32) of the base model's distribution
 scored with the adapter off. Entropies are journaled per sequence in `entropies.jsonl` (resumable).
 The gate D = {t : H_t > tau}; with `gate.mode = "fraction"` tau is the (1 - fraction) quantile of all
 completion-token entropies of the training set, and the implied tau is reported. Small models are far less
-certain than the paper's (SmolLM2-135M: the paper's tau = 1.4 gates ~60% of tokens), hence the default.
+certain than the paper's (SmolLM2-135M: the paper's tau = 1.4 gates ~50% of tokens), hence the default.
 `train.random_gate` replaces D by a uniformly random set of the same size (a control).
 """
 

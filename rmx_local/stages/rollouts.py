@@ -12,10 +12,12 @@ import random
 from dataclasses import asdict
 
 from rmx_local.backends import SampleParams
+from rmx_local.data import load_problems
 from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
 from rmx_local.stages import RunContext
-from rmx_local.tasks import Problem, arith_problems, arith_space_size, build_prompt, load_jsonl
+from rmx_local.tasks import Problem, arith_problems, arith_space_size, encode_prompts as encode_questions
+
 
 def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
     """Train / val / eval problems, frozen in the run folder on first use."""
@@ -36,9 +38,9 @@ def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
             "eval": arith_problems(t.difficulty, t.eval_size, ctx.recipe.seed, offset=space - t.eval_size),
         }
     else:
-        pool = load_jsonl(t.path)
+        pool = load_problems(t.path)
         random.Random(ctx.recipe.seed).shuffle(pool)
-        held = load_jsonl(t.eval_path) if t.eval_path else []
+        held = load_problems(t.eval_path) if t.eval_path else []
         if not held:
             held, pool = pool[: t.eval_size], pool[t.eval_size :]
         splits = {"eval": held[: t.eval_size], "val": pool[: t.val_size],
@@ -50,19 +52,9 @@ def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
     return splits
 
 
-def template_for(ctx: RunContext) -> str:
-    t = ctx.recipe.task.template
-    if t == "auto":
-        return "chat" if getattr(ctx.tokenizer, "chat_template", None) else "raw"
-    return t
-
-
 def encode_prompts(ctx: RunContext, problems: list[Problem]) -> tuple[list[str], list[list[int]]]:
-    template = template_for(ctx)
-    texts = [build_prompt(ctx.tokenizer, p.question, template, ctx.recipe.task.instruction) for p in problems]
-    # chat templates already spell out their special tokens; the raw template relies on the tokenizer's BOS
-    ids = [ctx.tokenizer(s, add_special_tokens=(template == "raw")).input_ids for s in texts]
-    return texts, ids
+    t = ctx.recipe.task
+    return encode_questions(ctx.tokenizer, [p.question for p in problems], t.template, t.instruction)
 
 
 def make_rollout_engine(ctx: RunContext):
