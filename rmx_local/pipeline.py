@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from rmx_local import __version__
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.io import atomic_write_json, atomic_write_text
@@ -25,7 +27,7 @@ from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import cached_eval, summarize
 from rmx_local.stages.gate import compute_gate, run_entropies, shared_context
 from rmx_local.stages.rollouts import run_rollouts, split_problems
-from rmx_local.stages.select import run_select
+from rmx_local.stages.select import rft_sequences, run_select
 from rmx_local.stages.train import build_examples, run_train
 from rmx_local.ui import UI
 
@@ -45,16 +47,23 @@ def versions() -> dict[str, str]:
 
 
 def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
-    """The whole run, holding the run folder's lock (a second run on the same folder stops at once)."""
+    """The whole method, holding the run folder's lock (a second run on the same folder stops at once); `rounds` > 1
+    repeats it, sampling from the previous round's adapted model (rounds.py)."""
     ui = ui or UI()
     with run_lock(recipe.run_dir, ui.line):
-        return _run(recipe, ui)
+        if recipe.rounds > 1:
+            from rmx_local.rounds import run_rounds
+
+            return run_rounds(recipe, ui)
+        return run_round(recipe, ui)
 
 
-def _run(recipe: Recipe, ui: UI) -> dict:
+def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> dict:
+    """One pass in `recipe.run_dir` (the caller holds the lock); with `start_adapter`, that LoRA samples the rollouts
+    and training continues it."""
     run_dir = Path(recipe.run_dir)
-    ctx = RunContext(recipe, run_dir, ui)
-    t_start = time.time()
+    ctx = RunContext(recipe, run_dir, ui, start_adapter=start_adapter, round_no=round_no)
+    t_start, cpu_start = time.time(), time.process_time()
 
     ctx.source  # a missing or unknown model fails here, before any work
     if recipe.export.formats:
@@ -70,12 +79,18 @@ def _run(recipe: Recipe, ui: UI) -> dict:
             f"kept {s['selected_problems']} problems, {s['sequences']} sequences")
 
     seqs = selected["sequences"]
-    entropies = run_entropies(ctx, seqs)
-    g = recipe.gate
-    gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed,
-                                      g.select, shared_context(seqs) if g.exclude_shared else None)
-    ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
-            f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
+    if recipe.train.objective == "rft":  # baseline: plain CE on every completion token of the correct rollouts
+        seqs = rft_sequences(ctx, splits["train"], rollouts)
+        gates = [np.ones(len(x["completion_ids"]), dtype=bool) for x in seqs]
+        gate_report = {"mode": "rft", "tau": 0.0, "tokens": int(sum(g.size for g in gates)), "gated_fraction": 1.0}
+        ui.line(f"rft: {len(seqs)} correct rollouts of {len({x['id'] for x in seqs})} problems, every completion token trained")
+    else:
+        entropies = run_entropies(ctx, seqs)
+        g = recipe.gate
+        gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed,
+                                          g.select, shared_context(seqs) if g.exclude_shared else None)
+        ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
+                f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
 
     examples = build_examples(seqs, gates, recipe.train.positive_only)
     eval_key = recipe.section_hash("model", "task", "eval", "seed")
@@ -108,10 +123,11 @@ def _run(recipe: Recipe, ui: UI) -> dict:
     summary = {
         "recipe_hash": manifest["recipe_hash"], "model": recipe.model, "selection": s, "gate": gate_report,
         "gated_fraction": gate_report["gated_fraction"], "tau": gate_report["tau"],
-        "train_problems": s["selected_problems"], "train_sequences": len(examples),
+        "train_problems": len({x["id"] for x in seqs}), "train_sequences": len(examples),
         "train": {k: v for k, v in report.items() if k != "history"}, "eval": table,
         "eval_problems": len(splits["eval"]), "timings_s": ctx.timings, "rates": ctx.rates,
-        "total_s": time.time() - t_start, "peak_rss_mb": peak_rss_mb(),
+        "total_s": time.time() - t_start, "cpu_timings_s": ctx.cpu_timings, "total_cpu_s": time.process_time() - cpu_start,
+        "peak_rss_mb": peak_rss_mb(),
     }
     atomic_write_json(run_dir / "summary.json", summary)
     if recipe.export.formats:

@@ -97,6 +97,7 @@ class TrainConfig:
     random_gate: bool = False  # control: gate a random set of the same size instead of high-entropy tokens
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only at the end); also the validation cadence
     select_on_train: bool = False  # no val split: pick the checkpoint by greedy accuracy on the train problems
+    objective: str = "reasonmaxxer"  # reasonmaxxer (the paper's loss) | rft (baseline: plain CE on all correct rollouts)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Recipe:
     trust_remote_code: bool = False  # let transformers run a hub model's own code
     threads: int = 0  # torch CPU threads (0 = all cores)
     report: bool = True  # write RUN/report/index.html at the end of `rmx-local run` (skipped when matplotlib is missing)
+    rounds: int = 1  # sample -> select -> gate -> train, repeated with the adapted model as the sampler; paper: 1
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -163,6 +165,7 @@ CHOICES = {
     "rollout.engine": {"backend", "llama_cpp", "openai", "auto"},
     "gate.mode": {"fraction", "tau"},
     "gate.select": {"high", "low"},
+    "train.objective": {"reasonmaxxer", "rft"},
     "export.outtype": {"f32", "f16", "bf16", "q8_0"},
 }
 EXPORT_FORMATS = ("gguf", "mlx", "peft", "ollama")  # and "all"; a comma list also works
@@ -261,6 +264,9 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.eval.n_samples >= 0, "eval.n_samples", r.eval.n_samples, "must be >= 0", "4"),
         (r.eval.batch_size >= 0, "eval.batch_size", r.eval.batch_size, "must be >= 0 (0 = rollout.batch_size)", "0"),
         (formats_ok, "export.formats", r.export.formats, f"must be among {', '.join(EXPORT_FORMATS)}, all", '["gguf", "peft"]'),
+        (r.rounds >= 1, "rounds", r.rounds, "must be >= 1", "1"),
+        (r.rounds == 1 or r.rollout.engine == "backend", "rounds", r.rounds, "> 1 needs rollout.engine = \"backend\" "
+         "(the other engines sample the base, not the adapted model)", "1"),
     ]
     for ok, name, value, rule, example in checks:
         if not ok:

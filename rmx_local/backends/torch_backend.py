@@ -184,7 +184,7 @@ class TorchBackend:
         for piece in pieces:
             part = [batch[i] for i in piece]
             packed = pack([(ex.tokens, ex.prompt_len) for ex in part], self.pad_id, self.model.dtype, self.device)
-            terms = self._chunked_terms(packed) if self.split is not None else self._full_terms(packed)
+            terms = self._chunked_terms(packed) if self.split is not None else self._full_terms(packed, bool(kl_coef))
             total = 0.0
             for ex, (ce, kl) in zip(part, terms):
                 g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
@@ -199,11 +199,16 @@ class TorchBackend:
         self.model.eval()
         return totals
 
-    def _full_terms(self, packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per sequence (CE, KL) over its T-1 positions, from full (R, L, V) logits."""
-        with torch.no_grad(), self._adapter_off():
-            base_logits = packed_logits(self.model, packed)
-        logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
+    def _full_terms(self, packed, with_kl: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence (CE, KL) over its T-1 positions, from full (R, L, V) logits. Without the anchor (kl_coef 0,
+        e.g. train.objective = "rft") the base forward is skipped and KL is 0."""
+        if with_kl:
+            with torch.no_grad(), self._adapter_off():
+                base_logits = packed_logits(self.model, packed)
+            logp, kl = position_terms(packed_logits(self.model, packed), base_logits)
+        else:
+            logp = torch.log_softmax(packed_logits(self.model, packed).float(), dim=-1)
+            kl = logp.new_zeros(logp.shape[:-1])
         return [(-logp[row, idx, t], kl[row, idx]) for row, idx, t in zip(packed.row, packed.index, packed.targets)]
 
     def _chunked_terms(self, packed) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -27,6 +27,9 @@ class RunContext:
     ui: UI
     timings: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
+    cpu_timings: dict[str, float] = field(default_factory=dict)  # process CPU seconds (all threads) per stage
+    start_adapter: Any = None  # rounds >= 2: the previous round's LoRA, loaded (and on) with the model
+    round_no: int = 1
     _source: ModelSource | None = None
     _backend: Any = None
     _tokenizer: Any = None
@@ -46,9 +49,11 @@ class RunContext:
         if self._backend is None:
             from rmx_local.backends import load_backend
 
-            t0 = time.time()
-            self._backend = load_backend(self.recipe, self.source, self.ui.line)
-            self.timings["load model"] = self.timings.get("load model", 0.0) + time.time() - t0
+            with self.timed("load model"):
+                self._backend = load_backend(self.recipe, self.source, self.ui.line)
+                if self.start_adapter is not None:
+                    self._backend.set_adapter(self.start_adapter)
+                    self._backend.set_adapter_enabled(True)
         return self._backend
 
     @property
@@ -73,9 +78,10 @@ class RunContext:
 
     @contextlib.contextmanager
     def timed(self, stage: str):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         try:
             yield
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.time() - t0
+            self.cpu_timings[stage] = self.cpu_timings.get(stage, 0.0) + time.process_time() - c0
 

@@ -87,7 +87,8 @@ def run_rollouts(ctx: RunContext, problems: list[Problem]) -> list[dict]:
             for start in starts:
                 chunk = problems[start : start + group]
                 texts, ids = encode_prompts(ctx, chunk)
-                params = SampleParams(r.n, r.temperature, r.top_p, r.max_tokens, ctx.recipe.seed * 1_000_003 + start)
+                params = SampleParams(r.n, r.temperature, r.top_p, r.max_tokens,
+                                      ctx.recipe.seed * 1_000_003 + start + (ctx.round_no - 1) * 7919)
                 outs = engine.sample(texts, ids, params, progress=lambda k: bar.advance(0, k))
                 missing = [(p, pids, c) for p, pids, c in zip(chunk, ids, outs) if p.id not in done]
                 for p, pids, completions in missing:

@@ -75,3 +75,20 @@ def run_select(ctx: RunContext, problems: list[Problem], rollouts: list[dict]) -
     result = {"stats": stats, "sequences": seqs}
     atomic_write_json(out, result)
     return result
+
+
+def rft_sequences(ctx: RunContext, problems: list[Problem], rollouts: list[dict]) -> list[dict]:
+    """`train.objective = "rft"` (rejection-sampling fine-tuning, a baseline): every correct rollout of every
+    problem, advantage 1. All-right problems are kept (unlike the mixed-only selection above): for plain
+    cross-entropy they are signal, not noise. Duplicated correct completions are kept too, so a problem weighs
+    in proportion to how often the base solves it, as in sampling-based self-training."""
+    gold = {p.id: p.answer for p in problems}
+    with ctx.timed("verify"):
+        verdicts = iter(verify_many([t for rec in rollouts for t in rec["texts"]],
+                                    [gold[rec["id"]] for rec in rollouts for _ in rec["texts"]]))
+    seqs = [{"id": rec["id"], "k": k, "prompt_ids": rec["prompt_ids"], "completion_ids": comp, "reward": 1.0, "advantage": 1.0}
+            for rec in rollouts for k, comp in enumerate(rec["completions"]) if next(verdicts).correct and comp]
+    if not seqs:
+        raise RmxError(f"rft: none of the {sum(len(r['texts']) for r in rollouts)} rollouts is correct",
+                       fix="raise rollout.n or task.train_size, or pick a task.difficulty the model gets partly right")
+    return seqs

@@ -78,12 +78,16 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     n_micro, n_steps = schedule(len(examples), t)
     batches = micro_batches(examples, n_micro, t.batch_size, r.seed, t.group_size)
     backend = ctx.backend
-    backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
+    if ctx.start_adapter is None:
+        backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
+    else:  # a later round continues the previous round's LoRA (a fresh optimizer; see rmx_local/rounds.py)
+        backend.set_adapter(ctx.start_adapter)
     every = t.checkpoint_every or n_steps
     ckpt_steps = sorted({min(s, n_steps) for s in range(every, n_steps + every, every)})
     log = Journal(folder / "log.jsonl")
     val_params = SampleParams(1, 0.0, 1.0, r.eval.max_tokens, r.seed)
     val: dict[int, float] = {}
+    kl_coef = 0.0 if t.objective == "rft" else t.kl_coef  # rft: advantage 1 on every token, no anchor = plain CE
 
     start = 0
     done = sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "state.json").exists())
@@ -109,7 +113,7 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
             metrics: dict[str, float] = {}
             group = batches[step * t.grad_accum : (step + 1) * t.grad_accum]
             for mb in group:
-                m = backend.accumulate(mb, t.kl_coef, t.negative_ce_cap, 1.0 / len(group))
+                m = backend.accumulate(mb, kl_coef, t.negative_ce_cap, 1.0 / len(group))
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / len(group)
             metrics["grad_norm"] = backend.step(lr, t.weight_decay, t.grad_clip)

@@ -1,0 +1,119 @@
+"""benchmarks/baselines.py bookkeeping: the clock that pauses during held-out scoring, the budget and plateau
+stops, and the headline interpolation. A fake trainer loop drives it, scored by the project's real greedy
+scorer on a tiny model; trl is never imported."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+spec = importlib.util.spec_from_file_location("baselines", Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py")
+bl = importlib.util.module_from_spec(spec)
+sys.modules["baselines"] = bl  # dataclasses look their module up here
+spec.loader.exec_module(bl)
+
+
+class FakeTime:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_clock_excludes_paused_blocks_on_both_clocks():
+    wall, cpu = FakeTime(), FakeTime()
+    clock = bl.Clock(wall, cpu)
+    wall.t += 10
+    cpu.t += 4
+    with clock.paused():
+        wall.t += 50
+        cpu.t += 30
+    wall.t += 1
+    cpu.t += 1
+    assert clock.now() == (11.0, 5.0)
+
+
+def make_scorer(torch_backend, tmp_path, clock_parts):
+    """The real held-out scorer on a tiny model; every scoring call costs 7 fake seconds that must not count."""
+    from rmx_local.backends import SampleParams
+    from rmx_local.recipe import load_recipe
+    from rmx_local.stages import RunContext
+    from rmx_local.stages.evaluate import score
+    from rmx_local.tasks import Problem
+    from rmx_local.ui import UI
+
+    ctx = RunContext(load_recipe(None, ["task.template=chat", "rollout.batch_size=8"]), tmp_path, UI(rich=False))
+    ctx._backend = torch_backend
+    problems = [Problem(f"p{i}", f"What is {i} + 1?", str(i + 1)) for i in range(4)]
+    calls = []
+
+    def evaluate():
+        for part in clock_parts:
+            part.t += 7.0
+        calls.append(1)
+        return score(ctx, problems, SampleParams(1, 0.0, 1.0, 3, 0), "held-out")["per_problem"]
+
+    return evaluate, calls
+
+
+def test_fake_trainer_checkpoints_on_the_cpu_clock_and_stops_at_the_budget(torch_backend, tmp_path):
+    wall, cpu = FakeTime(), FakeTime()
+    clock = bl.Clock(wall, cpu)
+    evaluate, calls = make_scorer(torch_backend, tmp_path, (wall, cpu))
+    ck = bl.Checkpointer(clock, evaluate, every_s=10.0, budget_s=35.0, patience=100)
+    ck.checkpoint(0)
+    stop, step = None, 0
+    while stop is None:  # the fake trainer: every step costs 3 CPU seconds and 6 wall seconds
+        step += 1
+        cpu.t += 3.0
+        wall.t += 6.0
+        stop = ck.after_step(step)
+    assert stop == "budget" and step == 12  # 12 x 3 = 36 >= 35 CPU seconds; scoring time never counted
+    assert [p["step"] for p in ck.points] == [0, 4, 8, 12]  # every 10 CPU s of training: at 12, 24, 36 s
+    assert [p["cpu"] for p in ck.points] == [0.0, 12.0, 24.0, 36.0]
+    assert [p["wall"] for p in ck.points] == [0.0, 24.0, 48.0, 72.0]
+    assert len(calls) == 4 and all(p["acc"] == 0.0 and len(p["per_problem"]) == 4 for p in ck.points)  # a random model
+
+
+def test_plateau_stop_after_two_checkpoints_without_a_new_best():
+    wall, cpu = FakeTime(), FakeTime()
+    accs = iter([0.3, 0.5, 0.6, 0.6, 0.55, 0.9])
+    best_saved = []
+    ck = bl.Checkpointer(bl.Clock(wall, cpu), lambda: [next(accs)] * 2, every_s=1.0, budget_s=1e9,
+                         on_best=lambda: best_saved.append(cpu.t))
+    ck.checkpoint(0)
+    stops = []
+    for step in range(1, 6):
+        cpu.t += 1.0
+        stops.append(ck.after_step(step))
+        if stops[-1]:
+            break
+    assert stops == [None, None, None, "plateau"]  # 0.6 then 0.6, 0.55: no rise for two checkpoints
+    assert [p["acc"] for p in ck.points] == [0.3, 0.5, 0.6, 0.6, 0.55]
+    assert len(best_saved) == 3  # base, 0.5, 0.6 (ties are not a new best)
+
+
+def test_headline_interpolates_between_checkpoints():
+    rmx = {"points": [{"cpu": 0.0, "acc": 0.3}, {"cpu": 100.0, "acc": 0.7}]}
+    grpo = {"points": [{"cpu": 0.0, "acc": 0.3}, {"cpu": 80.0, "acc": 0.5}, {"cpu": 200.0, "acc": 0.8},
+                       {"cpu": 400.0, "acc": 0.9}, {"cpu": 500.0, "acc": 0.9}]}
+    h = bl.headline(rmx, grpo)
+    assert h["grpo_acc_at_rmx"] == pytest.approx(0.5 + 20 / 120 * 0.3)
+    assert h["grpo_cpu_to_rmx_acc"] == pytest.approx(80 + (0.2 / 0.3) * 120)  # 160 CPU s
+    assert h["ratio"] == pytest.approx(1.6)
+    assert (h["grpo_best"], h["grpo_best_cpu"]) == (0.9, 400.0)  # the earliest of equal bests
+    never = bl.headline({"points": [{"cpu": 0.0, "acc": 0.3}, {"cpu": 10.0, "acc": 0.95}]}, grpo)
+    assert never["grpo_cpu_to_rmx_acc"] is None and never["ratio"] is None
+
+
+def test_paired_z_against_base():
+    base = [0, 0, 1, 1, 0, 0, 1, 0]
+    after = [1, 0, 1, 1, 1, 0, 1, 1]
+    acc, se, z = bl.paired(after, base)
+    d = np.array(after) - np.array(base)
+    assert acc == 0.75 and se == pytest.approx(np.std(after, ddof=1) / np.sqrt(8))
+    assert z == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(8)))
+    assert "trl" not in sys.modules
