@@ -41,17 +41,19 @@ th{background:#f6f6f6} td.num{text-align:right;font-variant-numeric:tabular-nums
 
 
 def run_tokenizer(run_dir: Path):
-    """The run's tokenizer (transformers), from the model its summary names (the recipe is read loosely, so a
-    folder written by another version of rmx-local still renders)."""
-    import tomllib
-
+    """The run's tokenizer (transformers), from the model its summary names, so a folder written by another version
+    of rmx-local still renders (its recipe then only matters for trust_remote_code, which falls back to off)."""
     from transformers import AutoTokenizer
 
     from rmx_local.models import resolve_model
+    from rmx_local.recipe import Recipe, load_recipe
 
     model = require_finished(run_dir)["model"]
-    recipe = tomllib.loads((run_dir / "recipe.toml").read_text()) if (run_dir / "recipe.toml").is_file() else {}
-    return AutoTokenizer.from_pretrained(resolve_model(model).hf_path, trust_remote_code=bool(recipe.get("trust_remote_code")))
+    try:
+        recipe = load_recipe(run_dir / "recipe.toml")
+    except RmxError:  # missing, or written by another version: its remote-code setting is not trusted
+        recipe = Recipe()
+    return AutoTokenizer.from_pretrained(resolve_model(model).hf_path, trust_remote_code=recipe.trust_remote_code)
 
 
 def require_finished(run_dir: Path) -> dict:
