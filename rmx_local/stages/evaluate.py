@@ -8,12 +8,11 @@ Base results are cached in the run folder (`eval/base-<key>.json`); adapted resu
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from rmx_local.backends import SampleParams
-from rmx_local.eval import Prompt, score_problems
+from rmx_local.eval import Prompt, mean_se, score_problems
 from rmx_local.io import atomic_write_json, read_json
 from rmx_local.stages import RunContext
 from rmx_local.tasks import Problem
@@ -52,11 +51,6 @@ def cached_eval(ctx: RunContext, problems: list[Problem], label: str, key: str) 
 
 def summarize(base: dict, adapted: dict | None) -> dict:
     """Mean ± SE per metric, and the paired difference."""
-
-    def mean_se(xs: list[float]) -> tuple[float, float]:
-        a = np.asarray(xs, dtype=np.float64)
-        return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
-
     table = {}
     for metric in ("greedy", "sampled"):
         if metric not in base:
