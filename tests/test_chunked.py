@@ -85,6 +85,26 @@ def test_chunked_loss_and_lora_gradients_equal_full_logits(tokenizer, cap):
         torch.testing.assert_close(g_c[n], g_f[n], rtol=1e-6, atol=1e-6)
 
 
+def test_without_the_anchor_chunked_equals_full_and_skips_the_base_forward(tokenizer, monkeypatch):
+    """kl_coef 0 (train.objective = "rft"): same loss and gradients on both paths, KL 0, no adapter-off forward."""
+    examples = batch(np.random.default_rng(4))
+    results = []
+    for chunked in (True, False):
+        b = with_lora(backend(tokenizer, chunked))
+        base_forwards = []
+        off = b._adapter_off
+        monkeypatch.setattr(b, "_adapter_off", lambda: base_forwards.append(1) or off())
+        metrics = b.accumulate(examples, 0.0, 0.0, 1.0)
+        assert base_forwards == [] and abs(metrics["kl"]) < 1e-6
+        results.append((metrics, lora_grads(b)))
+    (m_c, g_c), (m_f, g_f) = results
+    assert m_c["loss"] == pytest.approx(m_f["loss"], rel=1e-6, abs=1e-6) and m_c["gated"] > 0
+    assert set(g_c) == set(g_f) and len(g_c) == 12
+    for n in g_f:
+        assert float(g_f[n].abs().max()) > 1e-4
+        torch.testing.assert_close(g_c[n], g_f[n], rtol=1e-6, atol=1e-6)
+
+
 def test_split_passes_keep_prompts_together_within_the_budget():
     a, b = [1, 2, 3], [7, 8]
     seqs = [(a + [4, 5], 3), (a + [6], 3), (a + [9, 9, 9], 3), (b + [1], 2), ([5] * 40, 3)]

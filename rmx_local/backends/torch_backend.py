@@ -184,7 +184,7 @@ class TorchBackend:
         for piece in pieces:
             part = [batch[i] for i in piece]
             packed = pack([(ex.tokens, ex.prompt_len) for ex in part], self.pad_id, self.model.dtype, self.device)
-            terms = self._chunked_terms(packed) if self.split is not None else self._full_terms(packed, bool(kl_coef))
+            terms = (self._chunked_terms if self.split is not None else self._full_terms)(packed, bool(kl_coef))
             total = 0.0
             for ex, (ce, kl) in zip(part, terms):
                 g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
@@ -211,13 +211,18 @@ class TorchBackend:
             kl = logp.new_zeros(logp.shape[:-1])
         return [(-logp[row, idx, t], kl[row, idx]) for row, idx, t in zip(packed.row, packed.index, packed.targets)]
 
-    def _chunked_terms(self, packed) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same terms from hidden states, the vocabulary a chunk of positions at a time (torch_vocab)."""
+    def _chunked_terms(self, packed, with_kl: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same terms from hidden states, the vocabulary a chunk of positions at a time (torch_vocab). Without the
+        anchor the base forward is skipped, as in `_full_terms`: the adapted states stand in for the base's, so KL is 0."""
         decoder, head = self.split
         unique, where = flat_positions(packed, [0] * len(packed.row))
-        with torch.no_grad(), self._adapter_off():
-            base_hidden = packed_hidden(decoder, packed)[unique]
+        base_hidden = None
+        if with_kl:
+            with torch.no_grad(), self._adapter_off():
+                base_hidden = packed_hidden(decoder, packed)[unique]
         hidden = packed_hidden(decoder, packed)[unique]
+        if base_hidden is None:
+            base_hidden = hidden.detach()
         lse, kl = lse_and_kl(hidden, base_hidden, head, self._rows())
         where_all = torch.cat(where)
         ce = lse[where_all] - target_logits(hidden[where_all], head, torch.cat(packed.targets))
