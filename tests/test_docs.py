@@ -195,3 +195,17 @@ def test_relative_links_and_anchors_exist(page):
             if anchor not in {slug(h) for h in headings}:
                 broken.append(target)
     assert broken == [], f"{page.name}: broken links"
+
+
+def test_code_map_names_every_file():
+    """The README's code map names every module, recipe, benchmark and test (by file stem), and no file that is gone."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Code map"):]
+    files = [*ROOT.glob("rmx_local/**/*.py"), *ROOT.glob("benchmarks/*"), *ROOT.glob("tests/*.py"),
+             *ROOT.glob("recipes/*.toml"), *ROOT.glob("scripts/*")]
+    stems = {f.stem for f in files if f.is_file() and f.stem not in ("__init__", "__main__")}
+    missing = sorted(s for s in stems if not re.search(rf"\b{re.escape(s)}\b", block))
+    assert not missing, f"README code map lacks: {missing}"
+    named = set(re.findall(r"\b(test_\w+|\w+_\w+)\.(?:py|sh)\b", block))
+    gone = sorted(n for n in named if n not in stems)
+    assert not gone, f"README code map names files that do not exist: {gone}"
