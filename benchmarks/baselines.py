@@ -14,6 +14,8 @@ Methods (every one scored greedily on the recipe's held-out problems by the proj
         its temperature, top_p and max tokens, beta 0; everything else TRL's defaults. Held-out scoring every
         `--eval-every-s` clock seconds; it stops at `--budget-x` x rmx's clock (capped by `--max-s`), when the
         accuracy has not risen for two checkpoints, or after `--grpo-epochs` epochs.
+Settings of rmx-local beside the recipe (the frontier): `--methods rmx[,rft] --tag NAME --set key=value ...` runs
+them as the method "rmx NAME" ("rft NAME" on that run's rollouts) in OUT/rmx-NAME-seedS/.
 Clock: wall-clock and process CPU seconds (all threads) from the same start (model load), held-out scoring
 excluded (the same work for every method). CPU seconds are the fair clock on a shared machine; budgets and
 the headline use them. Results: OUT/results.jsonl (one line per finished run, resumable: finished rows are
@@ -160,11 +162,19 @@ def _excluding_eval(summary: dict, which: str) -> float:
     return total - sum(v for k, v in summary[which].items() if k.startswith("eval"))
 
 
+def tagged(method: str, tag: str) -> str:
+    return f"{method} {tag}" if tag else method
+
+
+def rmx_dir(args, seed: int) -> Path:
+    return Path(args.out) / (f"rmx-{args.tag}-seed{seed}" if args.tag else f"rmx-seed{seed}")
+
+
 def run_rmx(args, seed: int, lr: float | None, results: dict) -> dict:
     from rmx_local.pipeline import run_pipeline
     from rmx_local.ui import UI
 
-    run_dir = Path(args.out) / f"rmx-seed{seed}"
+    run_dir = rmx_dir(args, seed)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh folder: nothing reused, the clock is honest
     recipe = _recipe(args, seed, run_dir)
     s = run_pipeline(recipe, UI(rich=False))
@@ -179,8 +189,8 @@ def run_rft(args, seed: int, lr: float | None, results: dict) -> dict:
     from rmx_local.pipeline import run_pipeline
     from rmx_local.ui import UI
 
-    rmx = results[("rmx", seed, None)]  # its rollouts are reused, so its sampling time is charged to rft too
-    recipe = _recipe(args, seed, Path(args.out) / f"rmx-seed{seed}", "train.objective=rft")
+    rmx = results[(tagged("rmx", args.tag), seed, None)]  # its rollouts are reused, so its sampling time is charged to rft too
+    recipe = _recipe(args, seed, rmx_dir(args, seed), "train.objective=rft")
     key = recipe.section_hash("model", "task", "rollout", "select", "gate", "train", "seed")
     shutil.rmtree(Path(recipe.run_dir) / "train" / key, ignore_errors=True)
     s = run_pipeline(recipe, UI(rich=False))
@@ -344,6 +354,9 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     colors = {"rmx": "tab:blue", "rft": "tab:green", "grpo": "tab:red", "rmx rounds": "tab:purple"}
+    spare = iter(["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"] * 3)
+    for method in sorted({m for m, _, _ in results} - set(colors)):  # settings run with --tag
+        colors[method] = next(spare)
     for (method, seed, lr), r in sorted(results.items(), key=lambda kv: str(kv[0])):
         xs, ys = [p["cpu"] for p in r["points"]], [p["acc"] for p in r["points"]]
         style = "-o" if method == "grpo" else "--o"
@@ -371,8 +384,11 @@ def main() -> None:
                     default=math.inf, help="HH:MM local time: GRPO ends then with a last checkpoint (a safety net)")
     ap.add_argument("--out", default="runs/baselines")
     ap.add_argument("--set", action="append", default=[], help="recipe override for every method, e.g. threads=1")
+    ap.add_argument("--tag", default="", help="name of a setting of rmx (and rft) given by --set: method 'rmx TAG'")
     ap.add_argument("--report", action="store_true", help="only print the table from OUT/results.jsonl")
     args = ap.parse_args()
+    if args.tag and "grpo" in args.methods.split(","):
+        ap.error("--tag names a setting of rmx and rft; run grpo without it")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
@@ -380,11 +396,12 @@ def main() -> None:
         for method in args.methods.split(","):
             for seed in map(int, args.seeds.split(",")):
                 for lr in (map(float, args.lrs.split(",")) if method == "grpo" else [None]):
-                    if (method, seed, lr) in results and not results[(method, seed, lr)].get("partial"):
+                    name = tagged(method, args.tag)
+                    if (name, seed, lr) in results and not results[(name, seed, lr)].get("partial"):
                         continue
-                    row = {"method": method, "seed": seed, "lr": lr, "recipe": args.recipe, "set": args.set,
+                    row = {"method": name, "seed": seed, "lr": lr, "recipe": args.recipe, "set": args.set,
                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **METHODS[method](args, seed, lr, results)}
-                    results[(method, seed, lr)] = row
+                    results[(name, seed, lr)] = row
                     with open(out / "results.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(f"done: {method} seed {seed} lr {lr}: acc {row['points'][-1]['acc']:.3f} at "

@@ -117,3 +117,18 @@ def test_paired_z_against_base():
     assert acc == 0.75 and se == pytest.approx(np.std(after, ddof=1) / np.sqrt(8))
     assert z == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(8)))
     assert "trl" not in sys.modules
+
+
+def test_a_tagged_setting_is_its_own_method_folder_and_curve(tmp_path):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(out=str(tmp_path), tag="K16")
+    assert bl.rmx_dir(args, 2) == tmp_path / "rmx-K16-seed2" and bl.tagged("rft", "K16") == "rft K16"
+    assert bl.rmx_dir(SimpleNamespace(out=str(tmp_path), tag=""), 2) == tmp_path / "rmx-seed2"
+    point = lambda cpu, acc: {"step": 1, "wall": cpu, "cpu": cpu, "acc": acc, "per_problem": [acc] * 4}
+    rows = [{"method": m, "seed": 0, "lr": None, "base": [0.0] * 4, "points": [point(0, 0.0), point(c, a)]}
+            for m, c, a in [("rmx", 100, 0.5), ("rmx K16", 180, 0.75)]]
+    (tmp_path / "results.jsonl").write_text("".join(bl.json.dumps(r) + "\n" for r in rows))
+    table = bl.report(tmp_path)
+    assert "| rmx K16 | 0 |  | end (step 1) | 180 | 180 | 0.750" in table
+    assert (tmp_path / "baselines.png").stat().st_size > 1000
