@@ -66,3 +66,22 @@ def test_top_p_beyond_the_ranked_head_falls_back_to_a_full_sort():
     gen = torch.Generator().manual_seed(0)
     seen = {int(next_tokens(logits, SampleParams(1, 1.0, 0.9, 1, 0), gen)) for _ in range(3000)}
     assert HEAD < len(seen) <= int(0.9 * V) + 1
+
+
+def test_the_common_prefix_is_held_once_and_gives_the_same_samples_as_copying_it(torch_backend, tokenizer, monkeypatch):
+    from rmx_local.backends import torch_sampling
+
+    ps = [p for p in prompts(tokenizer) for _ in range(3)]  # 12 rows, 3 distinct prompts, one chat preamble
+    model, eos = torch_backend.model, tokenizer.eos_token_id
+    params = SampleParams(1, 0.9, 0.95, 16, 5)
+    made = []
+    shared = torch_sampling._shared_prefix_cache
+    monkeypatch.setattr(torch_sampling, "_shared_prefix_cache", lambda c: made.append(shared(c)) or made[-1])
+    held_once = decode(model, ps, params, [eos], eos, batch_size=5, device="cpu")
+    layer = made[0].layers[0]
+    assert isinstance(layer, torch_sampling.SharedPrefixLayer) and layer.prefix_keys.shape[0] == 1
+    assert layer.prefix_keys.shape[-2] == common_prefix(ps) > 5  # the preamble is not in any row
+    assert layer.keys.shape[-2] < len(ps[0]) - common_prefix(ps) + 16
+    monkeypatch.setattr(torch_sampling, "_shared_prefix_cache", lambda c: None)  # the old way: a copy per row
+    assert held_once == decode(model, ps, params, [eos], eos, batch_size=5, device="cpu")
+    assert len({tuple(r) for r in held_once}) > 3

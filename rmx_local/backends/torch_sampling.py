@@ -2,7 +2,9 @@
 
 Why not `model.generate`: a generate batch runs until its longest row ends, while here most completions end after
 ~10 tokens and a few run to max_tokens; and every prompt repeats the same chat preamble. This loop
-  - prefills the prompts' common token prefix once and copies its KV cache into every row of every batch,
+  - prefills the prompts' common token prefix once and keeps its KV cache once, shared by every row of every
+    batch (`SharedPrefixLayer`: a row stores only its own tokens; the prefix is joined to them per layer as
+    attention needs it, so the batch's cache is rows x their own tokens, not rows x the whole prompt),
   - left-pads the rest of each prompt after that prefix (explicit position ids, padding masked out) and prefills
     each distinct prompt once, however many completions it gets,
   - drops finished rows from the batch and the cache after every step, so the cost follows the tokens made,
@@ -20,6 +22,11 @@ import inspect
 import torch
 
 from rmx_local.backends import Progress, SampleParams, common_prefix
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # transformers < 4.56 keeps per-layer lists: the prefix is copied into every row there
+    DynamicLayer = None
 
 
 HEAD = 64  # candidates ranked by top-k before a full sort is needed
@@ -42,6 +49,38 @@ def next_tokens(logits: torch.Tensor, params: SampleParams, gen: torch.Generator
     head_p = head_p.masked_fill(above >= params.top_p, 0.0)
     pick = torch.multinomial(head_p, 1, generator=gen)
     return head_idx.gather(-1, pick).squeeze(-1)
+
+
+if DynamicLayer is not None:
+    class SharedPrefixLayer(DynamicLayer):
+        """One decoder layer's cache: the common prefix's keys/values held once, (1, heads, P, dim), and each row's
+        own tokens after it. `update` returns the prefix joined to the rows (one layer's copy, freed as soon as
+        that layer's attention has run): the same tensors, so the same numbers, as a cache holding the prefix in
+        every row. Selecting or repeating rows touches only the rows' part."""
+
+        def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor):
+            super().__init__()
+            self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            super().update(key_states, value_states)
+            rows = self.keys.shape[0]
+            return (torch.cat([self.prefix_keys.expand(rows, -1, -1, -1), self.keys], dim=-2),
+                    torch.cat([self.prefix_values.expand(rows, -1, -1, -1), self.values], dim=-2))
+
+        def get_seq_length(self) -> int:
+            return self.prefix_keys.shape[-2] + super().get_seq_length()
+
+
+def _shared_prefix_cache(prefix_cache):
+    """A cache whose layers share `prefix_cache` (one row) with every row; None where the model's cache is not
+    made of plain dynamic layers (sliding windows, hybrid or older caches): the caller copies the prefix then."""
+    layers = getattr(prefix_cache, "layers", None)
+    if DynamicLayer is None or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    cache = copy.copy(prefix_cache)
+    cache.layers = [SharedPrefixLayer(layer.keys, layer.values) for layer in layers]
+    return cache
 
 
 def _cache_io(model):
@@ -67,7 +106,10 @@ def decode(model, prompts: list[list[int]], params: SampleParams, eos_ids: list[
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None
+        cache = _shared_prefix_cache(prefix_cache) if prefix_cache is not None else None
+        if cache is None and prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(set(map(tuple, chunk))))  # one copy of the prefix per distinct prompt
         out += _decode_batch(model, (kw, cache_of), [p[shared:] for p in chunk], shared, cache, params, set(eos_ids), pad_id,
                              gen, device, progress)
     return out
@@ -87,8 +129,6 @@ def _decode_batch(model, cache_io, tails, shared, cache, params, eos, pad_id, ge
         ids[i, width - len(t) :] = torch.tensor(t)
         pos[i, width - len(t) :] = torch.arange(shared, shared + len(t))
         mask[i, shared + width - len(t) :] = 1
-    if cache is not None:
-        cache.batch_repeat_interleave(len(unique))
     first = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=True,
                   logits_to_keep=1, **{kw: cache})
     cache, logits, mask = cache_of(first), first.logits[:, -1][expand], mask.to(device)[expand]
