@@ -85,3 +85,18 @@ def test_the_common_prefix_is_held_once_and_gives_the_same_samples_as_copying_it
     monkeypatch.setattr(torch_sampling, "_shared_prefix_cache", lambda c: None)  # the old way: a copy per row
     assert held_once == decode(model, ps, params, [eos], eos, batch_size=5, device="cpu")
     assert len({tuple(r) for r in held_once}) > 3
+
+
+def test_the_full_vocabulary_fallback_draws_the_same_tokens_in_row_chunks_as_all_at_once():
+    from rmx_local.backends import torch_sampling
+
+    torch.manual_seed(0)
+    logits = torch.randn(70, 500) * 0.5  # flat: the top-64 head never holds 0.95, so the full sort runs
+    params = SampleParams(1, 1.0, 0.95, 1, 0)
+    chunked = next_tokens(logits, params, torch.Generator().manual_seed(7))
+    probs = torch.softmax(logits, -1)
+    ranked_p, ranked_idx = probs.sort(dim=-1, descending=True)  # the pre-chunking code: every row at once
+    keep = ranked_p.masked_fill(ranked_p.cumsum(-1) - ranked_p >= 0.95, 0.0)
+    at_once = ranked_idx.gather(-1, torch.multinomial(keep, 1, generator=torch.Generator().manual_seed(7))).squeeze(-1)
+    assert torch_sampling.SORT_ROWS < 70 and torch.equal(chunked, at_once)
+    assert len(set(chunked.tolist())) > 30
