@@ -214,10 +214,13 @@ def print_table(rows: list[dict], peak_tflops: float | None) -> None:
         print(line)
 
 
-def plan_check(rows: list[dict], device: str) -> None:
-    """The dry-run planner's estimate of each measured stage (same shape, same work) next to the measurement."""
+def plan_check(rows: list[dict], device: str, threads: int = 0) -> None:
+    """The dry-run planner's estimate of each measured stage (same shape, same work) next to the measurement;
+    the planner calibrates on as many threads as the measurements ran on."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from rmx_local.backends.torch_vocab import LOGITS_BUDGET_BYTES
     from rmx_local.plan import ModelFacts, calibrate, estimate
     from rmx_local.recipe import load_recipe
@@ -304,7 +307,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.plan_check:
-        plan_check(rows, args.device)
+        plan_check(rows, args.device, args.threads)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ hidden and KV sizes), the recipe's sizes, the prompt length of the task's first 
 
 Memory (torch backend; the peak is the largest stage):
   runtime + weights                 RUNTIME_MB + parameters x bytes per parameter (loading adds ~10%)
-  sampling (rollouts, evaluation)   KV cache of every decoded row at prompt + max_tokens (all rows can run to
-                                    the end), plus a few copies of one step's (rows, vocab) logits
+  sampling (rollouts, evaluation)   KV cache of every decoded row at its own prompt tokens + max_tokens (all rows
+                                    can run to the end; the prompts' shared preamble is held once), plus a few
+                                    copies of one step's (rows, vocab) logits
   entropy                           one layer's transients over the packed pass (ACT_INFER, measured), its
                                     attention mask, and the chunked full-vocabulary budget
   training                          every layer's activations of one pass (`saved_floats`; the backend cuts a
@@ -63,10 +64,11 @@ class ModelFacts:
         params = vocab * h * (1 if tied else 2) + layers * per_layer + h
         return cls(params, vocab, layers, h, inter, heads, kv, hd, tied)
 
-    def flops_per_token(self, context: int) -> float:
-        """Forward FLOPs of one token: every matmul (the head included, not the embedding lookup) + attention."""
-        matmul = self.params - self.vocab * self.hidden * (0 if self.tied else 1)
-        return 2 * matmul + 4 * self.layers * self.heads * self.head_dim * context
+    def flops_per_token(self, context: int, head: bool = True) -> float:
+        """Forward FLOPs of one token: every matmul (not the embedding lookup; the output head only where the token's
+        logits are computed) + attention."""
+        body = self.params - self.vocab * self.hidden * (1 if self.tied else 2)
+        return 2 * (body + self.vocab * self.hidden * head) + 4 * self.layers * self.heads * self.head_dim * context
 
     def kv_bytes_per_token(self, bytes_per: int) -> int:
         return self.layers * 2 * self.kv_heads * self.head_dim * bytes_per
@@ -123,8 +125,9 @@ class Stage:
 
 
 def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, completion_tokens: float,
-             bytes_per: int, chunk_budget: int) -> list[Stage]:
-    """Peak memory and time of each stage (see the module docstring for the model)."""
+             bytes_per: int, chunk_budget: int, shared_tokens: int = 0) -> list[Stage]:
+    """Peak memory and time of each stage (see the module docstring for the model); `shared_tokens` of every
+    prompt are a common preamble, which the sampler holds once."""
     weights = m.params * bytes_per
     base = RUNTIME_MB * 2**20 + weights
     P, C_max, C = prompt_tokens, r.rollout.max_tokens, completion_tokens
@@ -136,11 +139,13 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         """`prompts` x `n` rows decoded `batch` at a time."""
         rows_total = prompts * n
         rows = min(batch, rows_total)
-        kv = rows * (P + max_tokens) * m.kv_bytes_per_token(bytes_per)
+        kv = (shared_tokens + rows * (P - shared_tokens + max_tokens)) * m.kv_bytes_per_token(bytes_per)
         logits = 3 * rows * m.vocab * 4  # one step's logits, probabilities and top-p work, fp32
         made = rows_total * max_tokens * fraction
         decode_flops = made * m.flops_per_token(P + max_tokens * fraction / 2)
-        prefill_flops = prompts * P * m.flops_per_token(P / 2)  # each distinct prompt once, as one large pass
+        # the shared preamble once, then each distinct prompt's own tokens once, logits at its last token only
+        prefill_flops = ((shared_tokens + prompts * (P - shared_tokens)) * m.flops_per_token(P / 2, head=False)
+                         + prompts * 2 * m.vocab * m.hidden)
         steps = -(-rows_total // rows) * max_tokens  # the longest row of each batch sets its steps
         seconds = (decode_flops / (machine.flops * EFFICIENCY["sample"]) + prefill_flops / (machine.flops * EFFICIENCY["entropy"])
                    + steps * weights / machine.bandwidth)
@@ -161,7 +166,9 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
             acts = tokens * (m.hidden + m.intermediate) * ACT_INFER * bytes_per / 4
         mask = rows * length * length * bytes_per  # the packed 4D attention mask
         work = (problems * P + seqs * C) if group > 1 else seqs * (P + C)
-        flops = work * m.flops_per_token(P + C) * (3 if grad else 1) * (r.train.epochs if grad else 1.0)
+        # logits (the head) only at completion positions: the chunked passes skip the prompt
+        flops = (work * m.flops_per_token(P + C, head=False) + seqs * C * 2 * m.vocab * m.hidden) \
+            * (3 if grad else 1) * (r.train.epochs if grad else 1.0)
         return Stage(name, base + acts + mask + chunk_budget, flops / (machine.flops * EFFICIENCY[name]), knob)
 
     out = [Stage("load model", base + weights / 10, 2.0 + 4 * weights / machine.bandwidth, "dtype = \"bfloat16\" or a smaller model"),
@@ -178,8 +185,10 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
     return out
 
 
-def prompt_length(r: Recipe, tokenizer) -> int | None:
-    """Mean token length of the task's first prompts, as the pipeline builds them; None when they cannot be read."""
+def prompt_lengths(r: Recipe, tokenizer) -> tuple[int, int] | None:
+    """Mean token length of the task's first prompts, as the pipeline builds them, and the length of their common
+    preamble; None when they cannot be read."""
+    from rmx_local.backends import common_prefix
     from rmx_local.tasks import arith_problems, encode_prompts
 
     t = r.task
@@ -193,7 +202,7 @@ def prompt_length(r: Recipe, tokenizer) -> int | None:
         _, ids = encode_prompts(tokenizer, [p.question for p in problems], t.template, t.instruction)
     except Exception:  # a data set that is not there yet must not stop a dry run: the caller assumes a length
         return None
-    return round(sum(map(len, ids)) / len(ids)) if ids else None
+    return (round(sum(map(len, ids)) / len(ids)), common_prefix(ids)) if ids else None
 
 
 def measured_completion(run_dir: str) -> float | None:
@@ -220,10 +229,10 @@ def plan(r: Recipe, hf_path: str, machine: Machine | None = None) -> tuple[list[
         torch.set_num_threads(r.threads)
     machine = machine or calibrate(device if device in ("cpu", "cuda") else "cpu", dtype)
     tokenizer = AutoTokenizer.from_pretrained(hf_path, trust_remote_code=r.trust_remote_code)
-    P = prompt_length(r, tokenizer) or ASSUMED_PROMPT
+    P, shared = prompt_lengths(r, tokenizer) or (ASSUMED_PROMPT, 0)
     measured = measured_completion(r.run_dir)
     C = measured if measured is not None else ASSUMED_COMPLETION * r.rollout.max_tokens
-    stages = estimate(r, facts, machine, P, C, torch.finfo(dtype).bits // 8, LOGITS_BUDGET_BYTES)
+    stages = estimate(r, facts, machine, P, C, torch.finfo(dtype).bits // 8, LOGITS_BUDGET_BYTES, shared)
     facts_out = {"params": facts.params, "device": device, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": P,
                  "completion_tokens": C, "completion_measured": measured is not None, "machine": machine}
     return stages, facts_out

@@ -77,3 +77,14 @@ def test_time_grows_with_the_work():
     a, b = stages(r1, "SmolLM2-135M"), stages(r2, "SmolLM2-135M")
     assert b["rollouts"].seconds == pytest.approx(2 * a["rollouts"].seconds, rel=0.3)
     assert stages(r1, "Qwen2.5-1.5B")["train"].seconds > 8 * a["train"].seconds
+
+
+def test_a_shared_preamble_is_counted_once_in_the_sampling_cache():
+    r = load_recipe("recipes/quickstart.toml")
+    m = facts("SmolLM2-135M")
+    copied = {s.name: s for s in estimate(r, m, LAPTOP, 51, 10.0, 4, 128 * 2**20)}
+    held_once = {s.name: s for s in estimate(r, m, LAPTOP, 51, 10.0, 4, 128 * 2**20, shared_tokens=28)}
+    per_token = 30 * 2 * 3 * 64 * 4  # layers x K,V x KV heads x head dim x fp32
+    assert copied["rollouts"].peak_bytes - held_once["rollouts"].peak_bytes == (440 - 1) * 28 * per_token
+    assert copied["eval base"].peak_bytes - held_once["eval base"].peak_bytes == (200 - 1) * 28 * per_token
+    assert copied["train"].peak_bytes == held_once["train"].peak_bytes
