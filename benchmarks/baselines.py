@@ -359,7 +359,8 @@ def plot(results: dict, path: Path) -> None:
         colors[method] = next(spare)
     for (method, seed, lr), r in sorted(results.items(), key=lambda kv: str(kv[0])):
         xs, ys = [p["cpu"] for p in r["points"]], [p["acc"] for p in r["points"]]
-        style = "-o" if method == "grpo" else "--o"
+        lrs = sorted({l for m, _, l in results if m == "grpo"})
+        style = ("-o" if lr == lrs[-1] else ":o") if method == "grpo" else "--o"  # the largest GRPO lr solid
         label = f"{method} seed {seed}" + (f" lr {lr:g}" if lr else "")
         ax.plot(xs, ys, style, color=colors.get(method, "k"), alpha=0.4 + 0.6 * (seed == 0), markersize=3, label=label)
     ax.set_xlabel("process CPU seconds from model load (held-out scoring excluded)")
