@@ -37,7 +37,7 @@ RUNTIME_MB = 400  # python + torch + transformers + tokenizer, resident before t
 ACT_INFER = 16  # fp32 bytes per token per (hidden + intermediate) unit alive in a no-grad forward (one layer's)
 ASSUMED_COMPLETION = 0.5  # mean completion length / max_tokens when no rollouts exist yet
 ASSUMED_PROMPT = 150  # prompt tokens when the task's problems cannot be read (GSM8K-like)
-EFFICIENCY = {"sample": 0.25, "entropy": 0.5, "train": 0.35}  # of the calibrated matmul rate (measured)
+EFFICIENCY = {"sample": 0.5, "entropy": 0.7, "train": 0.35}  # of the calibrated matmul rate: fitted to 35 measured stages (docs/scale.md)
 FIT_FRACTION = 0.9  # warn above this share of the machine's memory
 
 
