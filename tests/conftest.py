@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random-initialised models and a character-level tokenizer, built offline."""
 
+import threading
+from http.server import ThreadingHTTPServer
+
 import pytest
 
 
@@ -21,6 +24,15 @@ def char_tokenizer():
     fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return fast
+
+
+def serve_http(handler) -> ThreadingHTTPServer:
+    """`handler` (a BaseHTTPRequestHandler class) on a free local port, served from a daemon thread; the caller
+    shuts it down (or lets the test process end)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads, server.block_on_close = True, False
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides):

@@ -20,17 +20,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import save_digit_model, tiny_recipe
+from conftest import save_digit_model, serve_http, tiny_recipe
 from rmx_local.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,9 +340,7 @@ def server(mode: str):
                     self.end_headers()
                     self.wfile.write(body)
 
-            httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-            httpd.daemon_threads, httpd.block_on_close = True, False
-            threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+            httpd = serve_http(Handler)
             cleanup.append(lambda: (httpd.shutdown(), httpd.server_close()))
             port = httpd.server_address[1]
         url = f"http://127.0.0.1:{port}/v1"

@@ -7,13 +7,13 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 
 import pytest
+from conftest import serve_http
 
 from rmx_local.backends import SampleParams
 from rmx_local.engines import BackendEngine, derive_seed, make_engine, pick_engine_name
@@ -115,10 +115,7 @@ def _serve(script: Script):
             self.end_headers()
             self.wfile.write(raw)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads, server.block_on_close = True, False
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    return server
+    return serve_http(Handler)
 
 
 @pytest.fixture
