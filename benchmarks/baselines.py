@@ -357,10 +357,10 @@ def plot(results: dict, path: Path) -> None:
     spare = iter(["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"] * 3)
     for method in sorted({m for m, _, _ in results} - set(colors)):  # settings run with --tag
         colors[method] = next(spare)
+    top_lr = max((l for m, _, l in results if m == "grpo"), default=None)
     for (method, seed, lr), r in sorted(results.items(), key=lambda kv: str(kv[0])):
         xs, ys = [p["cpu"] for p in r["points"]], [p["acc"] for p in r["points"]]
-        lrs = sorted({l for m, _, l in results if m == "grpo"})
-        style = ("-o" if lr == lrs[-1] else ":o") if method == "grpo" else "--o"  # the largest GRPO lr solid
+        style = ("-o" if lr == top_lr else ":o") if method == "grpo" else "--o"  # the largest GRPO lr solid
         label = f"{method} seed {seed}" + (f" lr {lr:g}" if lr else "")
         ax.plot(xs, ys, style, color=colors.get(method, "k"), alpha=0.4 + 0.6 * (seed == 0), markersize=3, label=label)
     ax.set_xlabel("process CPU seconds from model load (held-out scoring excluded)")

@@ -64,11 +64,16 @@ class ModelFacts:
         params = vocab * h * (1 if tied else 2) + layers * per_layer + h
         return cls(params, vocab, layers, h, inter, heads, kv, hd, tied)
 
+    @property
+    def head_flops(self) -> int:
+        """FLOPs of one position's logits (the output head)."""
+        return 2 * self.vocab * self.hidden
+
     def flops_per_token(self, context: int, head: bool = True) -> float:
         """Forward FLOPs of one token: every matmul (not the embedding lookup; the output head only where the token's
         logits are computed) + attention."""
         body = self.params - self.vocab * self.hidden * (1 if self.tied else 2)
-        return 2 * (body + self.vocab * self.hidden * head) + 4 * self.layers * self.heads * self.head_dim * context
+        return 2 * body + self.head_flops * head + 4 * self.layers * self.heads * self.head_dim * context
 
     def kv_bytes_per_token(self, bytes_per: int) -> int:
         return self.layers * 2 * self.kv_heads * self.head_dim * bytes_per
@@ -145,7 +150,7 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         decode_flops = made * m.flops_per_token(P + max_tokens * fraction / 2)
         # the shared preamble once, then each distinct prompt's own tokens once, logits at its last token only
         prefill_flops = ((shared_tokens + prompts * (P - shared_tokens)) * m.flops_per_token(P / 2, head=False)
-                         + prompts * 2 * m.vocab * m.hidden)
+                         + prompts * m.head_flops)
         steps = -(-rows_total // rows) * max_tokens  # the longest row of each batch sets its steps
         seconds = (decode_flops / (machine.flops * EFFICIENCY["sample"]) + prefill_flops / (machine.flops * EFFICIENCY["entropy"])
                    + steps * weights / machine.bandwidth)
@@ -167,7 +172,7 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
         mask = rows * length * length * bytes_per  # the packed 4D attention mask
         work = (problems * P + seqs * C) if group > 1 else seqs * (P + C)
         # logits (the head) only at completion positions: the chunked passes skip the prompt
-        flops = (work * m.flops_per_token(P + C, head=False) + seqs * C * 2 * m.vocab * m.hidden) \
+        flops = (work * m.flops_per_token(P + C, head=False) + seqs * C * m.head_flops) \
             * (3 if grad else 1) * (r.train.epochs if grad else 1.0)
         return Stage(name, base + acts + mask + chunk_budget, flops / (machine.flops * EFFICIENCY[name]), knob)
 

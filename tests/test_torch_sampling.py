@@ -76,14 +76,16 @@ def test_the_common_prefix_is_held_once_and_gives_the_same_samples_as_copying_it
     params = SampleParams(1, 0.9, 0.95, 16, 5)
     made = []
     shared = torch_sampling._shared_prefix_cache
-    monkeypatch.setattr(torch_sampling, "_shared_prefix_cache", lambda c: made.append(shared(c)) or made[-1])
+    monkeypatch.setattr(torch_sampling, "_shared_prefix_cache", lambda c, n: made.append(shared(c, n)) or made[-1])
     held_once = decode(model, ps, params, [eos], eos, batch_size=5, device="cpu")
     layer = made[0].layers[0]
     assert isinstance(layer, torch_sampling.SharedPrefixLayer) and layer.prefix_keys.shape[0] == 1
     assert layer.prefix_keys.shape[-2] == common_prefix(ps) > 5  # the preamble is not in any row
     assert layer.keys.shape[-2] < len(ps[0]) - common_prefix(ps) + 16
-    monkeypatch.setattr(torch_sampling, "_shared_prefix_cache", lambda c: None)  # the old way: a copy per row
+    monkeypatch.setattr(torch_sampling, "DynamicLayer", None)  # the fallback, the old way: a copy per distinct prompt
+    made.clear()
     assert held_once == decode(model, ps, params, [eos], eos, batch_size=5, device="cpu")
+    assert made and not isinstance(made[0].layers[0], torch_sampling.SharedPrefixLayer)
     assert len({tuple(r) for r in held_once}) > 3
 
 

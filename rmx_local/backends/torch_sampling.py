@@ -79,12 +79,15 @@ if DynamicLayer is not None:
             return self.prefix_keys.shape[-2] + super().get_seq_length()
 
 
-def _shared_prefix_cache(prefix_cache):
-    """A cache whose layers share `prefix_cache` (one row) with every row; None where the model's cache is not
-    made of plain dynamic layers (sliding windows, hybrid or older caches): the caller copies the prefix then."""
+def _shared_prefix_cache(prefix_cache, distinct: int):
+    """A batch's cache starting from `prefix_cache` (one row): its layers share that row with every row; where the
+    model's cache is not made of plain dynamic layers (sliding windows, hybrid or older caches), a copy of the
+    prefix for each of the batch's `distinct` prompts instead."""
     layers = getattr(prefix_cache, "layers", None)
     if DynamicLayer is None or not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return None
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(distinct)
+        return cache
     cache = copy.copy(prefix_cache)
     cache.layers = [SharedPrefixLayer(layer.keys, layer.values) for layer in layers]
     return cache
@@ -113,10 +116,7 @@ def decode(model, prompts: list[list[int]], params: SampleParams, eos_ids: list[
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        cache = _shared_prefix_cache(prefix_cache) if prefix_cache is not None else None
-        if cache is None and prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(set(map(tuple, chunk))))  # one copy of the prefix per distinct prompt
+        cache = _shared_prefix_cache(prefix_cache, len(set(map(tuple, chunk)))) if prefix_cache is not None else None
         out += _decode_batch(model, (kw, cache_of), [p[shared:] for p in chunk], shared, cache, params, set(eos_ids), pad_id,
                              gen, device, progress)
     return out
