@@ -25,7 +25,7 @@ from rmx_local.lock import run_lock
 from rmx_local.recipe import Recipe, recipe_to_toml
 from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import cached_eval, summarize
-from rmx_local.stages.gate import compute_gate, run_entropies, shared_context
+from rmx_local.stages.gate import compute_gate, run_entropies, shared_context, widen_positives
 from rmx_local.stages.rollouts import run_rollouts, split_problems
 from rmx_local.stages.select import rft_sequences, run_select
 from rmx_local.stages.train import build_examples, run_train
@@ -89,6 +89,8 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
         g = recipe.gate
         gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed,
                                           g.select, shared_context(seqs) if g.exclude_shared else None)
+        if g.positives == "all":
+            gates, gate_report = widen_positives(seqs, gates, gate_report)
         ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
                 f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
 

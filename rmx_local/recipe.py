@@ -72,6 +72,8 @@ class GateConfig:
     fraction: float = PAPER_GATE_FRACTION  # 1.0 = every completion token (a control)
     select: str = "high"  # high (the paper) | low: the same number of lowest-entropy tokens (a control)
     exclude_shared: bool = False  # never gate positions whose context all of a problem's rollouts share
+    # gate (the paper) | all: positive-advantage rollouts train on every completion token, negative ones on the gate
+    positives: str = "gate"
     batch_size: int = 8  # sequences per teacher-forced scoring pass
 
 
@@ -165,6 +167,7 @@ CHOICES = {
     "rollout.engine": {"backend", "llama_cpp", "openai", "auto"},
     "gate.mode": {"fraction", "tau"},
     "gate.select": {"high", "low"},
+    "gate.positives": {"gate", "all"},
     "train.objective": {"reasonmaxxer", "rft"},
     "export.outtype": {"f32", "f16", "bf16", "q8_0"},
 }

@@ -5,7 +5,7 @@ import pytest
 
 from rmx_local.errors import RmxError
 from rmx_local.recipe import load_recipe
-from rmx_local.stages.gate import compute_gate, shared_context
+from rmx_local.stages.gate import compute_gate, shared_context, widen_positives
 
 
 def test_low_select_gates_the_same_number_of_lowest_entropy_tokens():
@@ -56,3 +56,13 @@ def test_exclude_shared_keeps_the_gate_size_and_skips_shared_positions():
     assert all(g.tolist() == [False, False, False, True, False] for g in excl)  # the next most uncertain ones
     low, _ = compute_gate(ents, "fraction", 1.4, 0.2, seed=0, shared=shared, select="low")
     assert not any(g[0] for g in low) and sum(int(g.sum()) for g in low) == 4
+
+
+def test_positives_all_trains_every_token_of_positive_rollouts_only():
+    ents = [np.array([3.0, 0.1, 0.2], np.float32), np.array([0.3, 2.5, 0.1, 0.2], np.float32)]
+    seqs = [{"advantage": 1.5}, {"advantage": -0.5}]
+    gates, rep = compute_gate(ents, "fraction", 1.4, 2 / 7, seed=0)
+    assert [g.tolist() for g in gates] == [[True, False, False], [False, True, False, False]]
+    wide, wrep = widen_positives(seqs, gates, rep)
+    assert [g.tolist() for g in wide] == [[True, True, True], [False, True, False, False]]
+    assert wrep["gated"] == 2 and wrep["trained_fraction"] == pytest.approx(4 / 7) and wrep["positives"] == "all"

@@ -18,6 +18,11 @@ Controls and variants (the paper's gate is the default):
   rollouts share are never gated. Their base entropy is the same in every rollout (always the first completion
   token), so a small gate is otherwise filled with K copies of each problem's first-token entropy. In fraction
   mode tau is then chosen among the remaining positions so that the gate still holds `fraction` of all tokens.
+- `gate.positives = "all"`: a positive-advantage rollout trains on every completion token (imitating the whole
+  correct answer, as RFT does), a negative one only at its decision points: pushing away from a token the base
+  is sure of (a format token, an operand copied from the question) is what breaks answers, pulling up a correct
+  rollout's sure tokens costs almost nothing (their CE gradient is ~0). tau and `gated_fraction` are the gate's;
+  `trained_fraction` counts the widened positives too.
 """
 
 from __future__ import annotations
@@ -67,6 +72,13 @@ def shared_context(seqs: list[dict]) -> list[np.ndarray]:
             n += 1
         common[pid] = n
     return [np.arange(len(s["completion_ids"])) <= common[s["id"]] for s in seqs]
+
+
+def widen_positives(seqs: list[dict], gates: list[np.ndarray], report: dict) -> tuple[list[np.ndarray], dict]:
+    """`gate.positives = "all"`: every completion token of a positive-advantage rollout is trained."""
+    gates = [np.ones_like(g) if s["advantage"] > 0 else g for s, g in zip(seqs, gates)]
+    trained = sum(int(g.sum()) for g in gates)
+    return gates, {**report, "positives": "all", "trained_fraction": trained / max(report["tokens"], 1)}
 
 
 def compute_gate(entropies: list[np.ndarray], mode: str, tau: float, fraction: float,
