@@ -94,18 +94,18 @@ def main() -> None:
         b = mean_se(np.asarray(adapted[run]) - np.asarray(base))
         rows.setdefault(run.name, {})[run.parent.name] = (a["base"][0], a["adapted"][0], a["delta"], b,
                                                           s["gated_fraction"], s["total_s"])
-    print(f"(b) {args.data}: {len(base)} problems, base greedy {np.mean(base):.3f}")
-    print(f"{'condition':<16}{'seed':<8}{'(a) base':>9}{'adapted':>9}{'(a) gain ± SE':>22}{'(b) gain ± SE':>22}{'gated':>7}{'run s':>7}")
+    print(f"(b) {args.data}: {len(base)} problems, base greedy {np.mean(base):.3f}\n")
+    gain = lambda d, se: f"{d:+.3f} ± {se:.3f} ({d / max(se, 1e-12):+.1f})"  # noqa: E731
+    print("| condition | seed | (a) base | (a) adapted | (a) gain ± SE (in SE) | (b) gain ± SE (in SE) | gated | run s |")
+    print("|---|---|---:|---:|---|---|---:|---:|")
     for cond, seeds in sorted(rows.items()):
         for seed, (ab, aa, (d, se), (bd, bse), frac, secs) in sorted(seeds.items()):
-            print(f"{cond:<16}{seed:<8}{ab:>9.3f}{aa:>9.3f}{d:>+8.3f} ± {se:.3f} ({d / max(se, 1e-12):+5.1f})"
-                  f"{bd:>+8.3f} ± {bse:.3f} ({bd / max(bse, 1e-12):+5.1f}){frac:>7.3f}{secs:>7.0f}")
+            print(f"| {cond} | {seed.removeprefix('seed')} | {ab:.3f} | {aa:.3f} | {gain(d, se)} | {gain(bd, bse)} | "
+                  f"{frac:.0%} | {secs:.0f} |")
         if len(seeds) > 1:
             ma, sa = mean_se([v[2][0] for v in seeds.values()])
             mb, sb = mean_se([v[3][0] for v in seeds.values()])
-            print(f"{cond:<16}{'mean':<8}{'':>18}{ma:>+8.3f} ± {sa:.3f} ({ma / max(sa, 1e-12):+5.1f})"
-                  f"{mb:>+8.3f} ± {sb:.3f} ({mb / max(sb, 1e-12):+5.1f})   over {len(seeds)} seeds")
-
+            print(f"| **{cond}** | **mean of {len(seeds)}** | | | **{gain(ma, sa)}** | **{gain(mb, sb)}** | | |")
 
 if __name__ == "__main__":
     main()
