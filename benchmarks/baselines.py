@@ -364,7 +364,8 @@ def plot(results: dict, path: Path) -> None:
         label = f"{method} seed {seed}" + (f" lr {lr:g}" if lr else "")
         ax.plot(xs, ys, style, color=colors.get(method, "k"), alpha=0.4 + 0.6 * (seed == 0), markersize=3, label=label)
     ax.set_xlabel("process CPU seconds from model load (held-out scoring excluded)")
-    ax.set_ylabel("greedy accuracy, 200 held-out problems")
+    held_out = len(next(iter(results.values()))["base"]) if results else 0
+    ax.set_ylabel(f"greedy accuracy, {held_out} held-out problems")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
