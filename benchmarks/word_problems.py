@@ -107,5 +107,6 @@ def main() -> None:
             mb, sb = mean_se([v[3][0] for v in seeds.values()])
             print(f"| **{cond}** | **mean of {len(seeds)}** | | | **{gain(ma, sa)}** | **{gain(mb, sb)}** | | |")
 
+
 if __name__ == "__main__":
     main()

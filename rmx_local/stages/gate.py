@@ -19,10 +19,10 @@ Controls and variants (the paper's gate is the default):
   token), so a small gate is otherwise filled with K copies of each problem's first-token entropy. In fraction
   mode tau is then chosen among the remaining positions so that the gate still holds `fraction` of all tokens.
 - `gate.positives = "all"`: a positive-advantage rollout trains on every completion token (imitating the whole
-  correct answer, as RFT does), a negative one only at its decision points: pushing away from a token the base
-  is sure of (a format token, an operand copied from the question) is what breaks answers, pulling up a correct
-  rollout's sure tokens costs almost nothing (their CE gradient is ~0). tau and `gated_fraction` are the gate's;
-  `trained_fraction` counts the widened positives too.
+  correct answer, as RFT does), a negative one only at its decision points. tau and `gated_fraction` are the
+  gate's; `trained_fraction` counts the widened positives too. Measured on the word-problem recipe's dev seeds
+  (docs/word-problems.md): worse than the paper's gate, the negative term then breaks the answers' format (79%
+  unparseable on one seed); kept as a measured variant.
 """
 
 from __future__ import annotations
