@@ -67,16 +67,13 @@ def gate_shares(entropies: list[np.ndarray], norms: list[np.ndarray], gate_cfg, 
 
 def analyse(run: Path) -> dict:
     from rmx_local.recipe import load_recipe
+    from rmx_local.report import training_sequences
     from rmx_local.stages import RunContext
     from rmx_local.ui import UI
 
     recipe = load_recipe(run / "recipe.toml")
-    seqs = json.loads((run / "selected.json").read_text())["sequences"]
-    stored = {}
-    for line in (run / "entropies.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        stored[(r["id"], r["k"])] = np.asarray(r["H"], dtype=np.float32)
-    entropies = [stored[(s["id"], s["k"])] for s in seqs]
+    seqs = training_sequences(run)  # selected.json with each sequence's entropies H
+    entropies = [s["H"] for s in seqs]
     backend = RunContext(recipe, run, UI(rich=False)).backend
     norms = logit_gradient_norms(backend, seqs)
     bad = [i for i, (h, n) in enumerate(zip(entropies, norms)) if h.size != n.size]
