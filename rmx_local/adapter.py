@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rmx_local.archs import Shape
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_dir
 
@@ -27,7 +28,7 @@ class LoraAdapter:
     targets: list[str]  # short names: q_proj, k_proj, ...
     base_model: str  # what the user named (recipe `model`)
     architecture: str  # HF model_type: llama, qwen2, ...
-    model_config: dict  # num_attention_heads, num_key_value_heads, hidden_size, num_hidden_layers, ...
+    model_config: dict  # the base's Shape as config keys (archs.Shape.as_config): layers, heads, kv heads, head_dim, ...
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # module -> (A, B)
 
     @property
@@ -48,10 +49,11 @@ class LoraAdapter:
 
 
 def model_facts(cfg) -> dict:
-    """The architecture facts exporters need, from a transformers config or mlx-lm model args."""
-    heads = cfg.num_attention_heads
-    return {"num_attention_heads": heads, "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers}
+    """The model's whole shape (`rmx_local.archs.Shape`: layers, heads, kv heads, head_dim, intermediate size) as
+    config keys, from a transformers config or mlx-lm model args; stored with every adapter."""
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size")
+    return Shape.from_config({k: getattr(cfg, k, None) for k in keys}).as_config()
 
 
 # ---- PEFT format (adapter_model.safetensors + adapter_config.json) ----

@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from rmx_local.errors import RmxError
-from rmx_local.recipe import load_recipe, recipe_to_toml
+from rmx_local.recipe import CHOICES, load_recipe, recipe_to_toml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+OUTTYPES = sorted(CHOICES["export.outtype"])
 
 
 def _fail(e: RmxError) -> None:
@@ -137,14 +138,18 @@ def recipes_copy(name: str, dest: str) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "formats", default="all", show_default=True, help="gguf, mlx, peft, ollama or all (comma-separated).")
-@click.option("--outtype", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--outtype", default="f16", show_default=True, type=click.Choice(OUTTYPES))
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Destination folder (default RUN_DIR/export).")
 def export(run_dir: str, formats: str, outtype: str, out_dir: str | None) -> None:
-    """Export RUN_DIR's adapter as GGUF (llama.cpp, Ollama), MLX (mlx-lm) and/or PEFT."""
+    """Export RUN_DIR's adapter as GGUF (llama.cpp, Ollama), MLX (mlx-lm) and/or PEFT; `all` writes every format
+    this base allows and names each one it skips."""
     from rmx_local.export import export_run
 
-    for fmt, path in export_run(run_dir, formats, outtype, out_dir).items():
+    skipped: dict = {}
+    for fmt, path in export_run(run_dir, formats, outtype, out_dir, skipped).items():
         click.echo(f"{fmt:<7} {path}")
+    for fmt, (why, fix) in skipped.items():
+        click.echo(f"skipped {fmt}: {why} (fix: {fix})")
 
 
 def _inference_options(f):

@@ -69,7 +69,8 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
     if recipe.export.formats:
         from rmx_local.export import check_exportable
 
-        check_exportable(recipe.export.formats, ctx.source.hf_path)  # before hours of work, not after
+        for fmt, (why, fix) in check_exportable(recipe.export.formats, ctx.source.hf_path, ctx.source.gguf_path).items():
+            ui.line(f"export: {fmt} will be skipped: {why} (fix: {fix})")  # explicit formats are refused here
     splits = split_problems(ctx)
     rollouts = run_rollouts(ctx, splits["train"])
     selected = run_select(ctx, splits["train"], rollouts)
@@ -136,6 +137,9 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
         from rmx_local.export import export_run
 
         with ctx.timed("export"):
-            summary["exports"] = {k: str(v) for k, v in export_run(run_dir, recipe.export.formats, recipe.export.outtype).items()}
+            skipped: dict = {}
+            written = export_run(run_dir, recipe.export.formats, recipe.export.outtype, skipped=skipped)
+            summary["exports"] = {k: str(v) for k, v in written.items()}
+            summary["exports_skipped"] = {k: why for k, (why, _) in skipped.items()}
         atomic_write_json(run_dir / "summary.json", summary)
     return summary

@@ -151,23 +151,10 @@ def _base_config(base_spec: str) -> dict | None:
 
 def check_fits(target: Target) -> None:
     """Refuse an adapter whose architecture, layers or projection shapes do not match its base model."""
-    from rmx_local.export.common import expected_shape, split_module
+    from rmx_local.export.common import check_fits as fits
 
-    adapter = target.adapter
-    if adapter is None:
+    if target.adapter is None:
         return
     cfg = _base_config(target.base_spec)
-    if cfg is None:
-        return
-    fix = "score it on the base it was trained on (--base MODEL), or pick the adapter made for this base"
-    if adapter.architecture and adapter.architecture != cfg.get("model_type"):
-        raise RmxError(f"{target.spec}: adapter made for a {adapter.architecture} model, but {target.base_spec} is "
-                       f"{cfg.get('model_type')!r}", fix=fix)
-    layers = cfg.get("num_hidden_layers")
-    for module, (a, b) in adapter.weights.items():
-        layer, key = split_module(module, "eval")
-        out_dim, in_dim = expected_shape(key, cfg)
-        if (layers is not None and layer >= layers) or (out_dim and b.shape[0] != out_dim) or (in_dim and a.shape[1] != in_dim):
-            raise RmxError(f"{target.spec}: adapter made for another base: {module} is A{tuple(a.shape)} "
-                           f"B{tuple(b.shape)}, {target.base_spec} has {layers} layers and a ({out_dim}, {in_dim}) "
-                           f"{key}", fix=fix)
+    if cfg is not None:
+        fits(target.adapter, target.spec, cfg, target.base_spec)

@@ -41,6 +41,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from rmx_local.adapter import LoraAdapter, model_facts
+from rmx_local.archs import lora_targets
 from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions, strip_eos
 from rmx_local.backends.mlx_loss import sequence_loss, token_entropy
 from rmx_local.errors import RmxError
@@ -190,6 +191,7 @@ class MlxBackend:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, LoRALinear)}
 
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:
+        targets = lora_targets(self.model.args.model_type, targets)  # phi3: q/k/v -> qkv_proj
         linear = (nn.Linear, nn.QuantizedLinear)
         names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, linear)}
         missing = [t for t in targets if t not in names]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from rmx_local.adapter import PEFT_PREFIX, LoraAdapter, model_facts
+from rmx_local.archs import lora_targets
 from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions
 from rmx_local.errors import RmxError
 from rmx_local.backends.torch_packing import pack, packed_logits, split_passes
@@ -145,6 +146,7 @@ class TorchBackend:
 
         from peft import LoraConfig, get_peft_model
 
+        targets = lora_targets(self.model.config.model_type, targets)  # phi3: q/k/v -> qkv_proj
         names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
         missing = [t for t in targets if t not in names]
         if missing:

@@ -91,20 +91,23 @@ def mlx_logits(hf_path: str, mlx_dir: str | Path | None, tokens: list[int]) -> t
 def random_adapter(model_config: dict, architecture: str, base_model: str = "", rank: int = 8, alpha: float = 16.0,
                    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                    b_std: float = 0.02, seed: int = 0, layers: list[int] | None = None) -> LoraAdapter:
-    """A LoRA with a visible effect (B ~ N(0, b_std), A ~ U(+-1/sqrt(in))), for runtime checks."""
-    from rmx_local.export.common import BLOCK_LINEARS, expected_shape
+    """A LoRA with a visible effect (B ~ N(0, b_std), A ~ U(+-1/sqrt(in))), for runtime checks; `targets` are mapped
+    to the architecture's own linears (phi3: q/k/v -> qkv_proj)."""
+    from rmx_local.archs import Shape, lookup
 
+    arch, shape = lookup(architecture), Shape.from_config(model_config)
+    wanted = arch.lora_targets(list(targets))
     rng = np.random.default_rng(seed)
     weights = {}
-    for layer in layers if layers is not None else range(model_config["num_hidden_layers"]):
-        for key in BLOCK_LINEARS:
-            if key.rsplit(".", 1)[1] not in targets:
+    for layer in layers if layers is not None else range(shape.layers):
+        for key in arch.linears:
+            if key.rsplit(".", 1)[1] not in wanted:
                 continue
-            out_dim, in_dim = expected_shape(key, model_config)
+            out_dim, in_dim = shape.linear(key)
             a = rng.uniform(-1, 1, size=(rank, in_dim)) / np.sqrt(in_dim)
             b = rng.normal(0.0, b_std, size=(out_dim, rank))
             weights[f"model.layers.{layer}.{key}"] = (a.astype(np.float32), b.astype(np.float32))
-    return LoraAdapter(rank, alpha, sorted(targets), base_model, architecture, dict(model_config), weights)
+    return LoraAdapter(rank, alpha, sorted(wanted), base_model, architecture, shape.as_config(), weights)
 
 
 PROBE = "Question: Tom has 17 apples and buys 23 more. How many apples does he have? Answer: Let's think step by step."
@@ -116,12 +119,11 @@ def base_setup(spec: str = "embedded:smollm2-135m-instruct", prompt: str = PROBE
 
     from transformers import AutoTokenizer
 
+    from rmx_local.archs import Shape
     from rmx_local.models import resolve_model
 
     source = resolve_model(spec)
     config = json.loads((Path(source.hf_path) / "config.json").read_text())
-    keys = ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers", "intermediate_size",
-            "head_dim")
     tokens = AutoTokenizer.from_pretrained(source.hf_path)(prompt)["input_ids"]
     return {"spec": spec, "hf_path": source.hf_path, "gguf_path": source.gguf_path, "architecture": config["model_type"],
-            "model_config": {k: config[k] for k in keys if config.get(k) is not None}, "tokens": tokens}
+            "model_config": Shape.from_config(config).as_config(), "tokens": tokens}

@@ -1,8 +1,8 @@
-"""Checks shared by every exporter: which architectures and modules a format can express, and shapes.
+"""The one check that an adapter fits a base model, shared by every exporter and by `eval` / `chat` targets.
 
-Shortcut: only decoder-only llama / qwen2 style models are supported (their seven linear projections per
-block). Embeddings and lm_head are refused everywhere: a math-reasoning correction never needs them, and
-llama.cpp ties them on small models, where an adapter on `output` would be silently ignored.
+Architecture facts (GGUF names, q/k permutation, fused projections) come from `rmx_local.archs`. Embeddings and
+lm_head are refused everywhere: a math-reasoning correction never needs them, and llama.cpp ties them on small
+models, where an adapter on `output` would be silently ignored.
 """
 
 from __future__ import annotations
@@ -10,74 +10,52 @@ from __future__ import annotations
 import re
 
 from rmx_local.adapter import LoraAdapter
+from rmx_local.archs import NEVER, Arch, Shape, lookup
 from rmx_local.errors import RmxError
 
-# HF model_type -> (GGUF architecture name, whether llama.cpp permutes q/k rows for its rope layout)
-SUPPORTED_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-
-# the linear layers of one decoder block, relative to `model.layers.N.`
-BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _MODULE_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_NEVER = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 
 
-def check_arch(adapter: LoraAdapter, fmt: str) -> tuple[str, bool]:
-    """Return (gguf architecture, permute q/k?) or refuse an architecture we cannot export."""
-    arch = adapter.architecture
-    if arch not in SUPPORTED_ARCHS:
-        got = repr(arch) if arch else "no architecture recorded"
-        raise RmxError(f"export {fmt}: unsupported model architecture {got}",
-                       fix=f"rmx-local exports {', '.join(sorted(SUPPORTED_ARCHS))} models; use the PEFT export "
-                           "(--format peft) for others")
-    return SUPPORTED_ARCHS[arch]
-
-
-def split_module(module: str, fmt: str) -> tuple[int, str]:
+def split_module(module: str, arch: Arch, where: str) -> tuple[int, str]:
     """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'); refuse anything else."""
-    if any(part in module for part in _NEVER):
-        raise RmxError(f"export {fmt}: adapter targets {module!r} (embeddings / lm_head)",
+    if any(part in module for part in NEVER):
+        raise RmxError(f"{where}: adapter targets {module!r} (embeddings / lm_head)",
                        fix="retrain without embed_tokens / lm_head in train.targets; they are never exported")
     m = _MODULE_RE.fullmatch(module)
-    if not m or m.group(2) not in BLOCK_LINEARS:
-        raise RmxError(f"export {fmt}: target module {module!r} cannot be expressed in this format",
-                       fix=f"only the block projections ({', '.join(s.rsplit('.', 1)[1] for s in BLOCK_LINEARS)}) "
-                           "can be exported; retrain with train.targets limited to them")
+    if not m or m.group(2) not in arch.linears:
+        raise RmxError(f"{where}: target module {module!r} is not a block projection of a {arch.model_type} model",
+                       fix=f"retrain with train.targets among {', '.join(k.rsplit('.', 1)[1] for k in arch.linears)}")
     return int(m.group(1)), m.group(2)
 
 
-def expected_shape(module_key: str, cfg: dict) -> tuple[int | None, int | None]:
-    """(out, in) of a block linear implied by the model config; None where the config does not say."""
-    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
-    inter = cfg.get("intermediate_size")
-    q_out = heads * head_dim if heads and head_dim else None
-    kv_out = kv * head_dim if kv and head_dim else None
-    return {
-        "self_attn.q_proj": (q_out, hidden), "self_attn.k_proj": (kv_out, hidden),
-        "self_attn.v_proj": (kv_out, hidden), "self_attn.o_proj": (hidden, q_out),
-        "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
-    }[module_key]
+def check_fits(adapter: LoraAdapter, where: str, base_config: dict | None = None,
+               base_name: str = "the base model") -> dict[str, tuple[int, str]]:
+    """Validate an adapter against a base (its config.json), or against its own stored shape when none is given.
 
-
-def check_adapter(adapter: LoraAdapter, fmt: str) -> dict[str, tuple[int, str]]:
-    """Validate ranks, module names and shapes against the model config; return module -> (layer, key)."""
+    Checks: weights present, ranks consistent, architecture in the table (and equal to the base's), every module a
+    block projection within the layer count, every A/B shape the one the base implies. Returns module -> (layer, key).
+    """
     adapter.validate()
     if not adapter.weights:
-        raise RmxError(f"export {fmt}: the adapter has no weights", fix="retrain; the run saved an empty adapter")
-    n_layers = adapter.model_config.get("num_hidden_layers")
+        raise RmxError(f"{where}: the adapter has no weights", fix="retrain; the run saved an empty adapter")
+    fix = "use the base it was trained on (the run's recipe.toml `model`, or --base MODEL)"
+    if base_config is not None:
+        base_type = (base_config.get("text_config") or base_config).get("model_type", base_config.get("model_type"))
+        if adapter.architecture and base_type and adapter.architecture != base_type:
+            raise RmxError(f"{where}: adapter made for a {adapter.architecture} model, but {base_name} is "
+                           f"{base_type!r}", fix=fix)
+        arch = lookup(adapter.architecture or base_type or "", where)
+        shape = Shape.from_config(base_config)
+    else:
+        arch = lookup(adapter.architecture, where)
+        shape = Shape.from_config(adapter.model_config)
     parsed = {}
     for module, (a, b) in adapter.weights.items():
-        layer, key = split_module(module, fmt)
-        if n_layers is not None and layer >= n_layers:
-            raise RmxError(f"export {fmt}: {module} is beyond the model's {n_layers} layers",
-                           fix="the adapter belongs to another base model; export it with that model's recipe")
-        out_dim, in_dim = expected_shape(key, adapter.model_config)
-        if (out_dim and b.shape[0] != out_dim) or (in_dim and a.shape[1] != in_dim):
-            raise RmxError(f"export {fmt}: {module} has A{tuple(a.shape)} B{tuple(b.shape)}, but the base model "
-                           f"needs a ({out_dim}, {in_dim}) delta",
-                           fix="the adapter belongs to another base model; export it with that model's recipe")
+        layer, key = split_module(module, arch, where)
+        out_dim, in_dim = shape.linear(key)
+        if layer >= shape.layers or (out_dim and b.shape[0] != out_dim) or (in_dim and a.shape[1] != in_dim):
+            raise RmxError(f"{where}: adapter made for another base: {module} is A{tuple(a.shape)} B{tuple(b.shape)}, "
+                           f"{base_name} has {shape.layers} layers and a ({out_dim}, {in_dim}) {key}", fix=fix)
         parsed[module] = (layer, key)
     return parsed
 
@@ -95,3 +73,10 @@ def rope_permute(b, n_head: int, inverse: bool = False):
                        fix="model_config head counts do not match the adapter; re-save the adapter from its run")
     shape = (n_head, half, 2, rank) if inverse else (n_head, 2, half, rank)
     return b.reshape(shape).swapaxes(1, 2).reshape(out, rank)
+
+
+def permuted_heads(arch: Arch, key: str, shape: Shape) -> int | None:
+    """How many rotary heads the rows of this key's lora_B are permuted over in GGUF (None: not permuted)."""
+    if not arch.permute_qk:
+        return None
+    return {"self_attn.q_proj": shape.heads, "self_attn.k_proj": shape.kv_heads}.get(key)

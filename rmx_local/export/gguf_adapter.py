@@ -3,7 +3,9 @@
 Layout llama.cpp's adapter loader expects: general.type=adapter, adapter.type=lora, adapter.lora.alpha
 (float32), general.architecture equal to the base's, and for each base tensor `blk.N.<name>.weight` two
 tensors `.lora_a` (PEFT's A, numpy (r, in), ggml ne [in, r]) and `.lora_b` (PEFT's B, (out, r)), untransposed.
-For llama the rows of the q/k lora_b are rope-permuted like the base weights (k with the KV head count).
+Where llama.cpp's converter rope-permutes the base's q/k rows (`rmx_local.archs`: llama, mistral, granite,
+smollm3) the rows of the q/k lora_b are permuted the same way (k with the KV head count). Tensor names come from
+gguf-py's own per-architecture tensor map (phi3's fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up).
 
 Output types: f32, f16, bf16, q8_0. Shortcut (as llama.cpp's converter does): a q8_0 tensor whose rows
 are not a multiple of 32 values (lora_b rows are `rank` long) is written as f16 instead.
@@ -20,11 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from rmx_local.adapter import LoraAdapter
+from rmx_local.archs import Arch, Shape, by_gguf, lookup
 from rmx_local.errors import RmxError
-from rmx_local.export.common import BLOCK_LINEARS, SUPPORTED_ARCHS, check_adapter, check_arch, rope_permute
+from rmx_local.export.common import check_fits, permuted_heads, rope_permute
 from rmx_local.io import temp_path
+from rmx_local.recipe import CHOICES
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = tuple(sorted(CHOICES["export.outtype"], key=("f32", "f16", "bf16", "q8_0").index))
 EXTRA_KEY = "rmx_local.adapter"
 
 
@@ -50,20 +54,28 @@ def _encode(array: np.ndarray, outtype: str):
     return quantize(array, qtype), qtype
 
 
-def _tensor_names(adapter: LoraAdapter, gguf_arch: str) -> dict[str, str]:
-    """module -> GGUF base tensor name ('blk.N.attn_q.weight') from gguf's tensor-name map."""
+def _tensor_map(arch: Arch, n_blocks: int):
     import gguf
 
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch]
-    n_blocks = adapter.model_config.get("num_hidden_layers") or 1 + max(int(m.split(".")[2]) for m in adapter.weights)
-    tmap = gguf.get_tensor_name_map(arch_enum, n_blocks)
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch.gguf not in by_name:
+        raise RmxError(f"export gguf: the installed gguf package does not know architecture {arch.gguf!r}",
+                       fix="pip install -U gguf llama-cpp-python")
+    return gguf.get_tensor_name_map(by_name[arch.gguf], n_blocks)
+
+
+def tensor_names(arch: Arch, n_blocks: int) -> dict[str, str]:
+    """HF module ('model.layers.N.self_attn.q_proj') -> GGUF base tensor ('blk.N.attn_q.weight'), every block linear."""
+    tmap = _tensor_map(arch, n_blocks)
     names = {}
-    for module in adapter.weights:
-        name = tmap.get_name(module)
-        if name is None:
-            raise RmxError(f"export gguf: no GGUF tensor for {module!r} in architecture {gguf_arch}",
-                           fix="retrain with train.targets limited to the attention / MLP projections")
-        names[module] = name + ".weight"
+    for layer in range(n_blocks):
+        for key in arch.linears:
+            module = f"model.layers.{layer}.{key}"
+            name = tmap.get_name(module)
+            if name is None:
+                raise RmxError(f"export gguf: gguf-py has no {arch.gguf} tensor for {module!r}",
+                               fix="retrain with train.targets limited to the attention projections")
+            names[module] = name + ".weight"
     return names
 
 
@@ -73,14 +85,13 @@ def write_gguf_adapter(adapter: LoraAdapter, path: str | Path, outtype: str = "f
 
     if outtype not in OUTTYPES:
         raise RmxError(f"export gguf: unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
-    gguf_arch, permute = check_arch(adapter, "gguf")
-    parsed = check_adapter(adapter, "gguf")
-    names = _tensor_names(adapter, gguf_arch)
-    cfg = adapter.model_config
+    parsed = check_fits(adapter, "export gguf")
+    arch, shape = lookup(adapter.architecture), Shape.from_config(adapter.model_config)
+    names = tensor_names(arch, shape.layers)
     path = Path(path)
     tmp = temp_path(path)  # umask permissions: llama.cpp / Ollama servers may run as another user
     try:
-        writer = gguf.GGUFWriter(str(tmp), gguf_arch)
+        writer = gguf.GGUFWriter(str(tmp), arch.gguf)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.alpha))
@@ -90,13 +101,11 @@ def write_gguf_adapter(adapter: LoraAdapter, path: str | Path, outtype: str = "f
             writer.add_base_model_name(0, adapter.base_model)
         writer.add_string(EXTRA_KEY, json.dumps({
             "alpha": adapter.alpha, "rank": adapter.rank, "targets": adapter.targets, "base_model": adapter.base_model,
-            "architecture": adapter.architecture, "model_config": cfg}, sort_keys=True))
-        for module in sorted(adapter.weights, key=lambda m: (parsed[m][0], BLOCK_LINEARS.index(parsed[m][1]))):
+            "architecture": adapter.architecture, "model_config": adapter.model_config}, sort_keys=True))
+        for module in sorted(adapter.weights, key=lambda m: (parsed[m][0], arch.linears.index(parsed[m][1]))):
             a, b = adapter.weights[module]
-            key = parsed[module][1]
-            if permute and key in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = cfg["num_attention_heads"] if key == "self_attn.q_proj" else \
-                    cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+            heads = permuted_heads(arch, parsed[module][1], shape)
+            if heads:
                 b = rope_permute(b, heads)
             for suffix, tensor in (("lora_a", a), ("lora_b", b)):
                 data, raw = _encode(tensor, outtype)
@@ -112,24 +121,12 @@ def write_gguf_adapter(adapter: LoraAdapter, path: str | Path, outtype: str = "f
     return path
 
 
-def _reverse_names(gguf_arch: str, n_blocks: int) -> dict[str, str]:
-    import gguf
-
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch]
-    tmap = gguf.get_tensor_name_map(arch_enum, n_blocks)
-    out = {}
-    for layer in range(n_blocks):
-        for key in BLOCK_LINEARS:
-            module = f"model.layers.{layer}.{key}"
-            out[tmap.get_name(module) + ".weight"] = module
-    return out
-
-
 def read_gguf_adapter(path: str | Path, model_config: dict | None = None) -> LoraAdapter:
     """Read a GGUF LoRA adapter back into the canonical form (dequantizing f16/bf16/q8_0 to float32).
 
-    Files written elsewhere lack the `rmx_local.adapter` key: then pass the base's `model_config` (llama needs
-    its head counts to undo the rope permutation); targets and rank are read from the tensors.
+    Files written elsewhere lack the `rmx_local.adapter` key: then pass the base's config.json as `model_config`
+    (permuted architectures need its head counts to undo the rope permutation); targets and rank are read from the
+    tensors.
     """
     import gguf
     from gguf.quants import dequantize
@@ -148,14 +145,14 @@ def read_gguf_adapter(path: str | Path, model_config: dict | None = None) -> Lor
     gguf_arch = fields.get("general.architecture")
     extra = json.loads(fields[EXTRA_KEY]) if EXTRA_KEY in fields else {}
     cfg = extra.get("model_config") or model_config or {}
-    arch = extra.get("architecture") or next((k for k, v in SUPPORTED_ARCHS.items() if v[0] == gguf_arch), "")
-    if arch not in SUPPORTED_ARCHS:
-        raise RmxError(f"{path}: unsupported architecture {gguf_arch!r}", fix=f"supported: {', '.join(SUPPORTED_ARCHS)}")
-    permute = SUPPORTED_ARCHS[arch][1]
+    known = by_gguf(gguf_arch)
+    arch = lookup(extra.get("architecture") or cfg.get("model_type") or (known.model_type if known else gguf_arch),
+                  str(path))
     tensors = {t.name: dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
                for t in reader.tensors}
     n_blocks = cfg.get("num_hidden_layers") or 1 + max(int(n.split(".")[1]) for n in tensors)
-    reverse = _reverse_names(gguf_arch, n_blocks)
+    reverse = {v: k for k, v in tensor_names(arch, n_blocks).items()}
+    shape = Shape.from_config(cfg) if cfg.get("num_attention_heads") else None
     weights = {}
     for name in sorted(tensors):
         if not name.endswith(".lora_a"):
@@ -166,12 +163,11 @@ def read_gguf_adapter(path: str | Path, model_config: dict | None = None) -> Lor
         module = reverse[base]
         a, b = tensors[name].astype(np.float32), tensors[base + ".lora_b"].astype(np.float32)
         key = module.split(".", 3)[3]
-        if permute and key in ("self_attn.q_proj", "self_attn.k_proj"):
-            if not cfg.get("num_attention_heads"):
-                raise RmxError(f"{path}: llama adapter without head counts", fix="pass the base model's model_config")
-            heads = cfg["num_attention_heads"] if key == "self_attn.q_proj" else \
-                cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-            b = rope_permute(b, heads, inverse=True)
+        if arch.permute_qk and key in ("self_attn.q_proj", "self_attn.k_proj"):
+            if shape is None:
+                raise RmxError(f"{path}: a {arch.model_type} adapter without head counts",
+                               fix="pass the base model's config.json as model_config")
+            b = rope_permute(b, permuted_heads(arch, key, shape), inverse=True)
         weights[module] = (a, np.ascontiguousarray(b))
     if not weights:
         raise RmxError(f"{path}: the adapter holds no LoRA tensors", fix="re-export the adapter")
@@ -180,6 +176,6 @@ def read_gguf_adapter(path: str | Path, model_config: dict | None = None) -> Lor
         rank=int(extra.get("rank", rank)), alpha=float(extra.get("alpha", fields.get("adapter.lora.alpha", rank))),
         targets=extra.get("targets") or sorted({m.rsplit(".", 1)[1] for m in weights}),
         base_model=extra.get("base_model", fields.get("general.base_model.0.name", "")),
-        architecture=arch, model_config=cfg, weights=weights)
+        architecture=arch.model_type, model_config=shape.as_config() if shape and "model_type" in cfg else cfg, weights=weights)
     adapter.validate()
     return adapter

@@ -19,7 +19,7 @@ import numpy as np
 
 from rmx_local.adapter import LoraAdapter
 from rmx_local.errors import RmxError
-from rmx_local.export.common import check_adapter, check_arch
+from rmx_local.export.common import check_fits
 from rmx_local.io import atomic_dir
 
 WEIGHTS, CONFIG = "adapters.safetensors", "adapter_config.json"
@@ -29,8 +29,7 @@ def write_mlx_adapter(adapter: LoraAdapter, out_dir: str | Path) -> Path:
     """Write an mlx-lm adapter folder (atomically); return it."""
     from safetensors.numpy import save_file
 
-    check_arch(adapter, "mlx")
-    parsed = check_adapter(adapter, "mlx")
+    parsed = check_fits(adapter, "export mlx")  # every architecture in rmx_local.archs has an mlx-lm module
     n_layers = adapter.model_config.get("num_hidden_layers") or 1 + max(layer for layer, _ in parsed.values())
     first = min(layer for layer, _ in parsed.values())
     tensors = {}

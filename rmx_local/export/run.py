@@ -16,7 +16,8 @@ from pathlib import Path
 from rmx_local.adapter import LoraAdapter, load_peft, save_peft
 from rmx_local.errors import RmxError
 from rmx_local.export.card import model_card
-from rmx_local.export.common import SUPPORTED_ARCHS
+from rmx_local.archs import ARCHS
+from rmx_local.export.common import check_fits
 from rmx_local.export.gguf_adapter import OUTTYPES, write_gguf_adapter
 from rmx_local.export.mlx_adapter import write_mlx_adapter
 from rmx_local.export.ollama import write_ollama
@@ -37,6 +38,47 @@ def parse_formats(formats: list[str] | str) -> list[str]:
     if bad or not names:
         raise RmxError(f"export: unknown format {', '.join(bad) or '(none)'}", fix=f"use {'|'.join(FORMATS)}|all")
     return [f for f in FORMATS if f in names]
+
+
+def wants_all(formats: list[str] | str) -> bool:
+    items = [formats] if isinstance(formats, str) else list(formats)
+    return any(f.strip().lower() == "all" for item in items for f in item.split(","))
+
+
+def unexportable(formats: list[str], model_type: str, base_gguf: str | None) -> dict[str, tuple[str, str]]:
+    """{format: (why it cannot be written for this base, the fix)} for the formats among `formats` that cannot."""
+    skipped = {}
+    if model_type not in ARCHS:
+        why = f"model_type {model_type!r} is not in rmx_local/archs.py"
+        fix = f"these formats support {', '.join(ARCHS)}; --format peft works for any model"
+        skipped.update({f: (why, fix) for f in formats if f in ("gguf", "mlx", "ollama")})
+    if "ollama" in formats and "ollama" not in skipped and not base_gguf:
+        skipped["ollama"] = ("Ollama needs the base as a GGUF file and this base has none",
+                             "use a .gguf or embedded model in the recipe, or convert the base with llama.cpp's "
+                             "convert_hf_to_gguf.py and put the .gguf in its folder")
+    return skipped
+
+
+def check_exportable(formats: list[str] | str, hf_path: str, base_gguf: str | None = None) -> dict[str, tuple[str, str]]:
+    """Before any work: refuse a format named explicitly that cannot express the base; with `all`, return what
+    will be skipped ({format: (why, fix)}) instead."""
+    config = Path(hf_path) / "config.json"
+    if not config.is_file():
+        return {}
+    skipped = unexportable(parse_formats(formats), read_json(config).get("model_type", ""), base_gguf)
+    if skipped and not wants_all(formats):
+        fmt, (why, fix) = next(iter(skipped.items()))
+        raise RmxError(f"export.formats = {formats}: cannot write {fmt}: {why} ({config})", fix=fix)
+    return skipped
+
+
+def check_same_base(adapter: LoraAdapter, spec: str) -> None:
+    """Refuse an adapter whose shape differs from the base model it is exported for (one check: common.check_fits)."""
+    from rmx_local.models import resolve_model
+
+    config = Path(resolve_model(spec).hf_path) / "config.json"
+    if config.is_file() and adapter.model_config:
+        check_fits(adapter, "export", read_json(config), repr(spec))
 
 
 def run_base_spec(run_dir: Path, adapter: LoraAdapter | None = None) -> str:
@@ -66,7 +108,7 @@ def load_run_adapter(run_dir: str | Path) -> LoraAdapter:
 
 def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
     """Fill in architecture / model_config from the base's config.json when the adapter lacks them."""
-    needed = ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers")
+    needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
     if adapter.architecture and all(k in adapter.model_config for k in needed):
         return adapter
     from rmx_local.models import model_summary, resolve_model
@@ -78,35 +120,11 @@ def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
     return adapter
 
 
-def check_exportable(formats: list[str] | str, hf_path: str) -> None:
-    """Refuse, before any work, formats that cannot express the model's architecture (read from config.json)."""
-    config = Path(hf_path) / "config.json"
-    if not config.is_file() or all(f == "peft" for f in parse_formats(formats)):
-        return
-    arch = read_json(config).get("model_type", "")
-    if arch not in SUPPORTED_ARCHS:
-        raise RmxError(f"export.formats = {formats}: the gguf / mlx / ollama exporters do not support model_type "
-                       f"{arch!r} ({config})", fix=f'use export.formats = ["peft"]; they support {", ".join(SUPPORTED_ARCHS)}')
-
-
-def check_same_base(adapter: LoraAdapter, spec: str) -> None:
-    """Refuse an adapter whose recorded model shape differs from the base model it is exported for."""
-    from rmx_local.models import resolve_model
-
-    config = Path(resolve_model(spec).hf_path) / "config.json"
-    if not config.is_file() or not adapter.model_config:
-        return
-    base = read_json(config)
-    differs = [f"{k} {adapter.model_config[k]} vs {base[k]}" for k in ("hidden_size", "num_hidden_layers",
-               "num_attention_heads") if k in adapter.model_config and k in base and adapter.model_config[k] != base[k]]
-    if differs:
-        raise RmxError(f"export: the adapter was trained on another base than {spec!r} ({'; '.join(differs)})",
-                       fix="export it from the run folder it was trained in, or fix `model` in RUN_DIR/recipe.toml")
-
-
 def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f16",
-               out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Export a run's adapter; return {format: folder written}. formats may include "all"."""
+               out_dir: str | Path | None = None, skipped: dict | None = None) -> dict[str, Path]:
+    """Export a run's adapter; return {format: folder written}. With "all", every format this base allows is
+    written and each one it does not is put in `skipped` ({format: (why, fix)}); a format named explicitly that
+    cannot be written is refused before anything is written."""
     run_dir = Path(run_dir)
     chosen = parse_formats(formats)
     if outtype not in OUTTYPES:
@@ -115,14 +133,24 @@ def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f1
     # a run still writing this folder's adapter must finish first; a read-only finished run exports with --out
     read_only = out_dir is not None and not os.access(run_dir, os.W_OK)
     with contextlib.nullcontext() if read_only else run_lock(run_dir):
-        return _export(run_dir, adapter, chosen, outtype, out_dir)
+        return _export(run_dir, adapter, chosen, outtype, out_dir, wants_all(formats),
+                       skipped if skipped is not None else {})
 
 
-def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str,
-            out_dir: str | Path | None) -> dict[str, Path]:
+def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str, out_dir: str | Path | None,
+            every: bool, skipped: dict) -> dict[str, Path]:
+    from rmx_local.models import resolve_model
+
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     spec = run_base_spec(run_dir, adapter)
     adapter.base_model = adapter.base_model or spec
+    base_gguf = resolve_model(spec).gguf_path if "ollama" in chosen else None
+    cannot = unexportable(chosen, adapter.architecture or _base_type(spec), base_gguf)
+    if cannot and not every:
+        fmt, (why, fix) = next(iter(cannot.items()))
+        raise RmxError(f"export {fmt}: {why}", fix=fix)
+    skipped.update(cannot)
+    chosen = [f for f in chosen if f not in cannot]
     if any(f != "peft" for f in chosen):
         check_same_base(adapter, spec)
         adapter = complete_from_base(adapter, spec)
@@ -140,9 +168,6 @@ def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str
             (tmp / "README.md").write_text(model_card(adapter, summary, "gguf"))
         written["gguf"] = out / "gguf"
     if "ollama" in chosen:
-        from rmx_local.models import resolve_model
-
-        base_gguf = resolve_model(spec).gguf_path
         card = model_card(adapter, summary, "ollama")
         if "gguf" in written:
             written["ollama"] = write_ollama(written["gguf"] / GGUF_NAME, base_gguf, out / "ollama", card)
@@ -151,3 +176,9 @@ def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str
                 write_gguf_adapter(adapter, Path(tmp) / GGUF_NAME, outtype)
                 written["ollama"] = write_ollama(Path(tmp) / GGUF_NAME, base_gguf, out / "ollama", card)
     return written
+
+
+def _base_type(spec: str) -> str:
+    from rmx_local.models import model_summary, resolve_model
+
+    return model_summary(resolve_model(spec).hf_path)["model_type"]

@@ -30,6 +30,7 @@ class RunContext:
     cpu_timings: dict[str, float] = field(default_factory=dict)  # process CPU seconds (all threads) per stage
     start_adapter: Any = None  # rounds >= 2: the previous round's LoRA, loaded (and on) with the model
     round_no: int = 1
+    said: set[str] = field(default_factory=set)  # one-time notes already printed (e.g. which prompt template)
     _source: ModelSource | None = None
     _backend: Any = None
     _tokenizer: Any = None

@@ -18,7 +18,7 @@ from rmx_local.data import load_problems
 from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
 from rmx_local.stages import RunContext
-from rmx_local.tasks import Problem, arith_problems, arith_space_size, encode_prompts as encode_questions
+from rmx_local.tasks import Problem, arith_problems, arith_space_size, encode_prompts as encode_questions, resolve_template
 
 
 def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
@@ -62,6 +62,11 @@ def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
 
 def encode_prompts(ctx: RunContext, problems: list[Problem]) -> tuple[list[str], list[list[int]]]:
     t = ctx.recipe.task
+    if "template" not in ctx.said:
+        used = resolve_template(ctx.tokenizer, t.template)
+        why = {"raw": "raw completion prompt (the paper's for base models)", "chat": "the tokenizer's chat template"}[used]
+        ctx.ui.line(f"prompt: {why}" + (" · task.template = auto" if t.template == "auto" else ""))
+        ctx.said.add("template")
     return encode_questions(ctx.tokenizer, [p.question for p in problems], t.template, t.instruction)
 
 

@@ -80,6 +80,9 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     backend = ctx.backend
     if ctx.start_adapter is None:
         backend.init_lora(t.lora_rank, t.lora_alpha, t.lora_dropout, t.targets, r.seed)
+        if backend.lora["targets"] != list(t.targets):
+            ctx.ui.line(f"LoRA: train.targets {','.join(t.targets)} are {','.join(backend.lora['targets'])} in this "
+                        "architecture (fused projections)")
     else:  # a later round continues the previous round's LoRA (a fresh optimizer; see rmx_local/rounds.py)
         backend.set_adapter(ctx.start_adapter)
     every = t.checkpoint_every or n_steps
