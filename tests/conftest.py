@@ -5,25 +5,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-
-def char_tokenizer():
-    """A real `PreTrainedTokenizerFast` over printable ASCII with ChatML-style specials (ids 0-2)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for c in map(chr, range(32, 127)):
-        vocab[c] = len(vocab)
-    vocab["\n"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   bos_token="<|im_start|>", pad_token="<|im_end|>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return fast
+from rmx_local.archcheck import char_tokenizer  # noqa: F401 - shared with the architecture matrix
 
 
 def serve_http(handler) -> ThreadingHTTPServer:
