@@ -20,7 +20,8 @@ import numpy as np
 
 from rmx_local import __version__
 from rmx_local.adapter import load_peft, save_peft
-from rmx_local.io import atomic_write_json, atomic_write_text
+from rmx_local.archs import ARCHS
+from rmx_local.io import atomic_write_json, atomic_write_text, read_json
 from rmx_local.lock import run_lock
 from rmx_local.recipe import Recipe, recipe_to_toml
 from rmx_local.stages import RunContext
@@ -65,7 +66,11 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
     ctx = RunContext(recipe, run_dir, ui, start_adapter=start_adapter, round_no=round_no)
     t_start, cpu_start = time.time(), time.process_time()
 
-    ctx.source  # a missing or unknown model fails here, before any work
+    config = Path(ctx.source.hf_path) / "config.json"  # a missing or unknown model fails here, before any work
+    model_type = read_json(config).get("model_type", "") if config.is_file() else ""
+    if model_type and model_type not in ARCHS:
+        ui.line(f"model: {model_type} is not in rmx_local/archs.py: this run trains and exports PEFT; the gguf, mlx "
+                "and ollama exports need an entry there")
     if recipe.export.formats:
         from rmx_local.export import check_exportable
 

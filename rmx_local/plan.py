@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmx_local.archs import Shape
 from rmx_local.backends.torch_backend import ACTIVATION_BUDGET_BYTES, saved_floats
 from rmx_local.recipe import Recipe
 
@@ -55,11 +56,13 @@ class ModelFacts:
 
     @classmethod
     def from_config(cls, cfg) -> "ModelFacts":
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        h, heads = get("hidden_size"), get("num_attention_heads")
-        kv, hd = get("num_key_value_heads") or heads, get("head_dim") or h // heads
-        inter, layers, vocab = get("intermediate_size"), get("num_hidden_layers"), get("vocab_size")
-        tied = bool(get("tie_word_embeddings", True))
+        if not isinstance(cfg, dict):
+            cfg = cfg.to_dict()
+        cfg = cfg.get("text_config") or cfg
+        shape = Shape.from_config(cfg)  # the one reading of heads / kv heads / head_dim (rmx_local.archs)
+        h, heads, kv, hd = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim
+        inter, layers, vocab = shape.intermediate, shape.layers, cfg.get("vocab_size")
+        tied = bool(cfg.get("tie_word_embeddings", True))
         per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
         params = vocab * h * (1 if tied else 2) + layers * per_layer + h
         return cls(params, vocab, layers, h, inter, heads, kv, hd, tied)
