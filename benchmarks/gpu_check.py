@@ -25,12 +25,13 @@ LoRA on q/k/v/o at lr 3e-3 for 2 epochs (a checkpoint every 4 steps), 16 held-ou
      LoRA      the dtype of the trained LoRA weights (fp32 is expected under a bf16 base)
 2. Resume, in the last configuration: `rmx-local run` in a subprocess, SIGKILLed as soon as its first training
    checkpoint is on disk (before training ends), then rerun to the end. Its adapter and training log against the
-   same configuration's uninterrupted run (0 = bit-identical). In process, on that device: an optimizer state saved
-   and loaded again (the backend's `save_optimizer` / `load_optimizer`) holds every tensor on the device and in the
-   dtype it had before.
+   same configuration's uninterrupted run (0 = bit-identical; more than `RESUME_TOL` fails). In process, on that
+   device: an optimizer state saved and loaded again (the backend's `save_optimizer` / `load_optimizer`) holds
+   every tensor on the device and in the dtype it had before.
 
 Shortcuts: one CPU thread; a random model's eval accuracy says nothing of quality, it is compared, not judged.
 Exit code 1 when a run fails, the resumed run differs from the uninterrupted one, or the optimizer state moved.
+The agreement figures are printed, not judged: bf16 differs from fp32 by rounding, and how much is the finding.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from rmx_local.io import Journal  # noqa: E402
 
 TRAIN, EVAL, PROBLEMS = 16, 16, 40
 GREEDY_PROMPTS = 48
+RESUME_TOL = 1e-6  # resumed vs uninterrupted adapter, max |difference| (CPU: exactly 0; CUDA kernels may reorder sums)
 RECIPE = """model = "{model}"
 threads = 1
 report = false
@@ -318,12 +320,16 @@ def main() -> None:
             resume.update(kill_and_resume(recipe, kill_run, test, work / "kill.log"))
             uninterrupted = work / f"run-{len(configs) - 1}"
             resume["adapter_max_abs"] = adapter_max_abs(kill_run / "adapter", uninterrupted / "adapter")
-            resume["log_equal"] = train_log(kill_run) == train_log(uninterrupted)
+            a, b = train_log(kill_run), train_log(uninterrupted)
+            resume["log_equal"] = a == b
+            resume["loss_max_abs"] = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) if len(a) == len(b) else float("inf")
             resume["optimizer_kept"], resume["optimizer_layout"] = optimizer_kept(work / "model", test, work)
         except Exception as e:
             resume["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        if "error" in resume or not resume.get("killed") or resume.get("rerun_code") != 0 \
-                or resume.get("adapter_max_abs") != 0.0 or not resume.get("log_equal") or not resume.get("optimizer_kept"):
+        ok = "error" not in resume and resume.get("killed") and resume.get("rerun_code") == 0 \
+            and resume.get("adapter_max_abs", 1.0) <= RESUME_TOL and resume.get("loss_max_abs", 1.0) <= RESUME_TOL \
+            and resume.get("optimizer_kept")
+        if not ok:
             failures.append(f"resume on {label(test)}: {resume}")
 
     print_tables(rows, resume)
@@ -354,15 +360,15 @@ def print_tables(rows: list[dict], resume: dict) -> None:
     print(f"\n({rows[0].get('sequences', '?')} training sequences, {rows[0].get('steps', '?')} steps, {GREEDY_PROMPTS} "
           "prompts in the greedy comparison)")
     print("\n| resume on | killed mid-training (checkpoints on disk) | rerun | adapter max abs diff vs uninterrupted "
-          "| training log equal | optimizer state after save + load |")
+          "| training log equal (loss max abs diff) | optimizer state after save + load |")
     print("|---|---|---|---:|---|---|")
     if "error" in resume:
         print(f"| {resume['config']} | failed: {resume['error']} |")
         return
     print(f"| {resume['config']} | {'yes' if resume['killed'] else 'NO'} (steps {resume['checkpoints_at_kill']}) | "
           f"exit {resume['rerun_code']}, {resume['resumed'] or 'did not resume'} | {resume['adapter_max_abs']:.2e} | "
-          f"{'yes' if resume['log_equal'] else 'NO'} | {'same devices and dtypes' if resume['optimizer_kept'] else 'MOVED'}: "
-          f"{resume['optimizer_layout']} |")
+          f"{'yes' if resume['log_equal'] else 'no'} ({resume['loss_max_abs']:.1e}) | "
+          f"{'same devices and dtypes' if resume['optimizer_kept'] else 'MOVED'}: {resume['optimizer_layout']} |")
 
 
 if __name__ == "__main__":
