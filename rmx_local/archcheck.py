@@ -29,6 +29,7 @@ import numpy as np
 
 from rmx_local.errors import RmxError
 from rmx_local.models import add_rope_theta, cache_root
+from rmx_local.tiny import char_tokenizer
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
@@ -58,26 +59,6 @@ def converter() -> Path | None:
         if (folder / "convert_hf_to_gguf.py").is_file():
             return folder / "convert_hf_to_gguf.py"
     return None
-
-
-def char_tokenizer():
-    """A real `PreTrainedTokenizerFast` over printable ASCII with ChatML-style specials (ids 0-2) and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for c in map(chr, range(32, 127)):
-        vocab[c] = len(vocab)
-    vocab["\n"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   bos_token="<|im_start|>", pad_token="<|im_end|>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return fast
 
 
 def _sentencepiece_model(folder: Path) -> Path:

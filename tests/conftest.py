@@ -5,7 +5,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from rmx_local.archcheck import char_tokenizer  # noqa: F401 - shared with the architecture matrix
+from rmx_local.tiny import char_tokenizer, digit_tokenizer, save_digit_model, tiny_llama  # noqa: F401 (re-exported)
 
 
 def serve_http(handler) -> ThreadingHTTPServer:
@@ -15,18 +15,6 @@ def serve_http(handler) -> ThreadingHTTPServer:
     server.daemon_threads, server.block_on_close = True, False
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
-
-
-def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**cfg))
 
 
 def save_tiny_model(folder):
@@ -47,33 +35,6 @@ def torch_backend(tokenizer):
     from rmx_local.backends.torch_backend import TorchBackend
 
     return TorchBackend(tiny_llama(len(tokenizer)), tokenizer, "cpu", batch_size=8, model_name="tiny")
-
-
-def digit_tokenizer():
-    """A tokenizer whose only text tokens are "1", "2" and " " (anything else is <unk>), with a chat template.
-
-    A random model over it answers "1", "12", "2 1", ...: graded by the real verifier against golds such as "1"
-    or "2", some rollouts are right and some wrong, so whole runs (CLI, kill loop) need no fake verifier."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", "1", "2", " "])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   bos_token="<|im_start|>", pad_token="<|im_end|>")
-    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}<|im_start|>"
-    return fast
-
-
-def save_digit_model(folder, **overrides):
-    """A tiny random llama + `digit_tokenizer` saved as a transformers folder (what a recipe's `model` names)."""
-    tok = digit_tokenizer()
-    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    tiny_llama(len(tok), **{**cfg, **overrides}).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def tiny_recipe(model, data, *, train_size=6, eval_size=2, group=4, max_tokens=4, gate_batch=8, threads=0) -> str:

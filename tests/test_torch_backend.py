@@ -58,3 +58,52 @@ def test_adapter_switch_and_greedy_generation(torch_backend, tokenizer):
     assert torch_backend.generate(prompt, greedy) == base  # and switching it off restores the base exactly
     sampled = SampleParams(2, 0.8, 0.95, 8, seed=5)
     assert torch_backend.generate(prompt, sampled) == torch_backend.generate(prompt, sampled)
+
+
+def optimizer_layout(backend):
+    return {(i, k): (v.device.type, v.dtype) for i, s in backend.optimizer.state_dict()["state"].items() for k, v in s.items()}
+
+
+def test_optimizer_state_resumes_where_the_parameters_are(torch_backend, tokenizer, tmp_path):
+    """A saved optimizer state is read to the CPU and placed by `load_state_dict`: moments beside their parameters,
+    `step` a CPU tensor as in a fresh AdamW (on CUDA, reading it to the device put `step` there: a GPU sync per
+    parameter per step, and a state unlike the uninterrupted run's). The backend's device label is set to "meta"
+    for the load: reading the file to that device cannot place anything, so the test fails if it is used."""
+    torch_backend.init_lora(4, 8.0, 0.0, ["q_proj", "v_proj"], seed=0)
+    torch_backend.accumulate(make_examples(tokenizer), 0.2, 0.0, 1.0)
+    torch_backend.step(1e-3, 0.0, 1.0)
+    before = optimizer_layout(torch_backend)
+    torch_backend.save_optimizer(str(tmp_path / "optimizer.pt"))
+    saved = {k: v.clone() for k, v in torch_backend.optimizer.state_dict()["state"][0].items()}
+    torch_backend.device = "meta"
+    torch_backend.load_optimizer(str(tmp_path / "optimizer.pt"))
+    assert optimizer_layout(torch_backend) == before and len(before) == 3 * 8  # step, exp_avg, exp_avg_sq x 8 LoRA tensors
+    for k, v in torch_backend.optimizer.state_dict()["state"][0].items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+
+
+def test_bf16_base_trains_like_fp32(tokenizer):
+    """The CUDA default (bf16 weights) on the CPU: the LoRA stays fp32 under the bf16 base, the chunked vocabulary
+    path is kept, and entropies, loss and gradient norm stay within bf16 rounding of the fp32 backend's."""
+    from conftest import tiny_llama
+
+    from rmx_local.backends.torch_backend import TorchBackend
+
+    ex = make_examples(tokenizer)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        backend = TorchBackend(tiny_llama(len(tokenizer)).to(dtype), tokenizer, "cpu", batch_size=8)
+        h = backend.entropies([(e.tokens, e.prompt_len) for e in ex])
+        backend.init_lora(4, 8.0, 0.0, ["q_proj", "v_proj"], seed=0)
+        for n, p in backend.model.named_parameters():  # move B off zero, the same in both dtypes
+            if "lora_B" in n:
+                p.data.copy_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
+        metrics = backend.accumulate(ex, 0.2, 0.0, 1.0)
+        norm = backend.step(1e-3, 0.0, 1.0)
+        lora = {p.dtype for n, p in backend.model.named_parameters() if "lora_" in n}
+        out[dtype] = (np.concatenate(h), metrics, norm, lora, backend.split is not None)
+    (h32, m32, n32, lora32, split32), (h16, m16, n16, lora16, split16) = out[torch.float32], out[torch.bfloat16]
+    assert lora16 == lora32 == {torch.float32} and split16 and split32
+    assert 0 < np.max(np.abs(h16 - h32)) < 0.02  # bf16 does differ, by rounding only (entropies ~4.6 nats here)
+    assert m16["kl"] > 0 and abs(m16["loss"] - m32["loss"]) < 0.02 * abs(m32["loss"])
+    assert abs(n16 - n32) < 0.05 * n32

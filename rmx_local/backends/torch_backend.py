@@ -283,11 +283,13 @@ class TorchBackend:
         atomic_write_bytes(path, buf.getvalue())
 
     def load_optimizer(self, path: str) -> None:
-        """Tensors and plain containers only (`weights_only=True`): a file carrying pickled code is refused."""
+        """Tensors and plain containers only (`weights_only=True`): a file carrying pickled code is refused. Read to
+        the CPU: `load_state_dict` moves each moment beside its parameter and keeps `step` a CPU tensor, as a fresh
+        AdamW has it (read straight to CUDA, `step` stayed there: a GPU sync per parameter per step)."""
         import pickle
 
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
             what = "holds pickled objects beyond tensors, refused" if isinstance(e, pickle.UnpicklingError) else \
                 f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
