@@ -128,3 +128,41 @@ def test_fused_targets_and_unknown_architectures():
     assert "'gpt_neox' is not in rmx-local's table" in str(e.value) and "--format peft" in str(e.value)
     assert archs.by_gguf("llama").model_type == "llama" and archs.by_gguf("gemma3").model_type == "gemma3_text"
     assert np.all([a.linears[0].startswith("self_attn.") for a in archs.ARCHS.values()])
+
+
+@pytest.mark.slow
+def test_real_gemma_3_270m_exports_match_peft(tmp_path):
+    """The second embedded model (gemma3_text, head_dim 256 on a 640-wide model, 262k vocabulary): our GGUF LoRA in
+    llama.cpp on an F32 copy of its base and our MLX adapter in mlx-lm, against PEFT (~90 s)."""
+    from rmx_local.export import write_gguf_adapter, write_mlx_adapter
+    from rmx_local.export.check import agreement, base_setup, llama_cpp_logits, mlx_logits, peft_logits
+    from rmx_local.export.gguf_base import f32_base_gguf
+
+    setup = base_setup("embedded:gemma-3-270m")
+    assert setup["architecture"] == "gemma3_text" and setup["model_config"]["head_dim"] == 256
+    adapter = random_adapter(setup["model_config"], setup["architecture"], setup["spec"], rank=8, alpha=16.0)
+    base, adapted = peft_logits(setup["hf_path"], adapter, setup["tokens"])
+    f32 = f32_base_gguf(setup["gguf_path"])
+    cpp_base, _ = llama_cpp_logits(f32, None, setup["tokens"])
+    assert agreement(cpp_base, base)["corr"] > 0.9999
+    cpp_adapted, _ = llama_cpp_logits(f32, write_gguf_adapter(adapter, tmp_path / "a.gguf", "f16"), setup["tokens"])
+    assert archcheck.passes(fit := agreement(cpp_adapted - cpp_base, adapted - base)), fit
+    folder = write_mlx_adapter(adapter, tmp_path / "mlx")
+    mlx_base, _ = mlx_logits(setup["hf_path"], None, setup["tokens"])
+    mlx_adapted, _ = mlx_logits(setup["hf_path"], folder, setup["tokens"])
+    assert archcheck.passes(fit := agreement(mlx_adapted - mlx_base, adapted - base)), fit
+
+
+def test_llama_cpp_puts_bos_first_where_the_gguf_asks_for_it(matrix):
+    """Gemma's GGUF asks for a BOS (and answers nonsense without it): the llama.cpp engine adds it once, as the torch
+    path does for the raw template; a vocabulary that asks for none (the embedded SmolLM2) gets none."""
+    from rmx_local.engines.llama_cpp_engine import LlamaCppEngine
+    from rmx_local.models import embedded_gguf
+    from rmx_local.tiny import char_tokenizer
+
+    gemma = LlamaCppEngine(str(matrix["gemma3_text"][1]), char_tokenizer(), threads=1, parallel=1)
+    ids = gemma.tokenize("what is")
+    assert ids[0] == 1 and ids.count(1) == 1 and gemma.tokenize("<s>what is") == ids  # never doubled
+    smol = LlamaCppEngine(str(embedded_gguf("smollm2-135m-instruct")), char_tokenizer(), threads=1, parallel=1)
+    assert smol.tokenize("what is") == [5588, 314]
+    gemma.close(), smol.close()

@@ -1,8 +1,9 @@
 """Rollouts with llama.cpp in-process (llama-cpp-python's low-level C API) on the model's GGUF.
 
 How it samples (shortcuts stated):
-  - Prompt text is tokenized by llama.cpp with special tokens parsed (`<|im_start|>` is one token) and no BOS
-    added: a chat template's text already carries any BOS it wants.
+  - Prompt text is tokenized by llama.cpp with special tokens parsed (`<|im_start|>` is one token); a BOS is put
+    first only where the GGUF asks for one (`tokenizer.ggml.add_bos_token`, e.g. Gemma) and the text does not
+    already start with it, as transformers does for the raw template (a chat template's text carries its own).
   - Continuous batching: up to `parallel` sequences decode together in one `llama_decode` per step (one token
     each); a finished sequence's slot immediately takes the next pending completion. Each prompt is decoded once
     (minus its last token) into a prefix sequence whose KV cells are copied (`llama_memory_seq_cp`) into every
@@ -165,7 +166,10 @@ class LlamaCppEngine:
         n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)
         if n < 0:
             raise RmxError("llama.cpp failed to tokenize a prompt")
-        return list(buf[:n])
+        ids, bos = list(buf[:n]), self.ll.llama_vocab_bos(self.vocab)
+        if self.ll.llama_vocab_get_add_bos(self.vocab) and bos >= 0 and ids[:1] != [bos]:
+            ids.insert(0, bos)  # Gemma without its BOS answers nonsense; the torch path adds it the same way
+        return ids
 
     def detokenize(self, tokens: list[int]) -> str:
         out, buf = bytearray(), ctypes.create_string_buffer(256)
