@@ -26,7 +26,7 @@ from rich.table import Table  # noqa: E402
 
 from rmx_local.adapter import save_peft  # noqa: E402
 from rmx_local.export import OUTTYPES, write_gguf_adapter, write_mlx_adapter  # noqa: E402
-from rmx_local.export.check import agreement, base_setup, peft_logits, random_adapter  # noqa: E402
+from rmx_local.export.check import logit_agreement, base_setup, peft_logits, random_adapter  # noqa: E402
 
 
 def size(path: Path) -> int:
@@ -82,7 +82,7 @@ def run(rank: int, console: Console) -> list[dict]:
                 path, write_s = timed(write_gguf_adapter, adapter, tmp / f"adapter-{outtype}.gguf", outtype)
                 for label, base_path in bases.items():
                     logits, load_s = llama_cpp_logits(base_path, path, tokens)
-                    fit = agreement(logits - base_logits[label], ref)
+                    fit = logit_agreement(logits - base_logits[label], ref)
                     rows.append({"format": f"gguf {outtype}", "runtime": f"llama.cpp, {label}", "bytes": size(path),
                                  "write_s": write_s, "load_s": load_s, **fit, "note": ""})
     except ImportError:
@@ -97,7 +97,7 @@ def run(rank: int, console: Console) -> list[dict]:
             base_mlx, _ = mlx_logits(setup["hf_path"], None, tokens)
             logits, load_s = mlx_logits(setup["hf_path"], folder, tokens)
             rows.append({"format": "mlx", "runtime": "mlx-lm (CPU)", "bytes": size(folder), "write_s": write_s,
-                         "load_s": load_s, **agreement(logits - base_mlx, ref), "note": ""})
+                         "load_s": load_s, **logit_agreement(logits - base_mlx, ref), "note": ""})
     except ImportError:
         rows.append({"format": "mlx", "runtime": "mlx-lm", "note": "mlx-lm not installed"})
     from rmx_local.export.ollama import write_ollama

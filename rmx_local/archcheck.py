@@ -155,7 +155,7 @@ def check(model: dict, base_gguf: Path, work: Path, runtimes=("gguf", "mlx", "ol
           b_std: float = 0.2) -> dict:
     """One row of the matrix: agreement figures per runtime (or the runtime's own refusal, as text)."""
     from rmx_local.export import read_gguf_adapter, write_gguf_adapter, write_mlx_adapter
-    from rmx_local.export.check import agreement, llama_cpp_logits, mlx_logits, peft_logits, random_adapter
+    from rmx_local.export.check import logit_agreement, llama_cpp_logits, mlx_logits, peft_logits, random_adapter
     from rmx_local.export.ollama import write_ollama
 
     config = json.loads((model["hf"] / "config.json").read_text())
@@ -166,18 +166,18 @@ def check(model: dict, base_gguf: Path, work: Path, runtimes=("gguf", "mlx", "ol
     row: dict = {"arch": model["model_type"], "targets": ",".join(adapter.targets), "ref_max_abs": float(np.abs(ref).max())}
     if "gguf" in runtimes:
         cpp_base, _ = llama_cpp_logits(base_gguf, None, PROBE)
-        row["base"] = agreement(cpp_base, base)
+        row["base"] = logit_agreement(cpp_base, base)
         path = write_gguf_adapter(adapter, work / f"{model['model_type']}.gguf", "f32")
         back = read_gguf_adapter(path, config)
         row["gguf_read_back_max_diff"] = max(float(np.abs(back.delta(m) - adapter.delta(m)).max()) for m in adapter.weights)
         cpp_adapted, _ = llama_cpp_logits(base_gguf, path, PROBE)
-        row["gguf"] = agreement(cpp_adapted - cpp_base, ref)
+        row["gguf"] = logit_agreement(cpp_adapted - cpp_base, ref)
     if "mlx" in runtimes:
         try:
             folder = write_mlx_adapter(adapter, work / f"{model['model_type']}-mlx")
             mlx_base, _ = mlx_logits(str(model["hf"]), None, PROBE)
             mlx_adapted, _ = mlx_logits(str(model["hf"]), folder, PROBE)
-            row["mlx"] = agreement(mlx_adapted - mlx_base, ref)
+            row["mlx"] = logit_agreement(mlx_adapted - mlx_base, ref)
         except ImportError as e:
             row["mlx"] = f"not installed ({e.name})"
     if "ollama" in runtimes:

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from rmx_local.export.runtimes import Engine, load_engines
+from rmx_local.export.runtimes import Streamer, load_streamers
 
 EXIT_WORDS = {"/exit", "/quit", "/q", ":q", "exit", "quit"}
 
@@ -27,10 +27,10 @@ def _messages(history: list[dict], system: str | None, prompt: str) -> list[dict
     return head + history + [{"role": "user", "content": prompt}]
 
 
-def _view(engines: list[Engine], texts: dict[str, str], done: set[str]):
+def _view(streamers: list[Streamer], texts: dict[str, str], done: set[str]):
     panels = [Panel(Text(texts[e.name] or "…"), title=f"[bold]{e.name}[/]" + ("" if e.name in done else " [dim]…[/]"),
                     subtitle=f"[dim]{e.info}[/]", border_style="green" if e.name == "adapted" else "blue")
-              for e in engines]
+              for e in streamers]
     if len(panels) == 1:
         return panels[0]
     grid = Table.grid(expand=True, padding=(0, 1))
@@ -40,25 +40,25 @@ def _view(engines: list[Engine], texts: dict[str, str], done: set[str]):
     return Group(grid)
 
 
-def stream_answers(engines: list[Engine], messages: dict[str, list[dict]], max_tokens: int, temperature: float,
+def stream_answers(streamers: list[Streamer], messages: dict[str, list[dict]], max_tokens: int, temperature: float,
                    console: Console) -> dict[str, str]:
     """Run every engine on its messages, streaming to `console`; return {engine name: full answer}."""
-    texts = {e.name: "" for e in engines}
+    texts = {e.name: "" for e in streamers}
     if not console.is_terminal:
-        for e in engines:
-            if len(engines) > 1:
+        for e in streamers:
+            if len(streamers) > 1:
                 console.file.write(f"### {e.name}\n")
             for piece in e.stream(messages[e.name], max_tokens, temperature):
                 texts[e.name] += piece
                 console.file.write(piece)
                 console.file.flush()
-            console.file.write("\n\n" if len(engines) > 1 else "\n")
+            console.file.write("\n\n" if len(streamers) > 1 else "\n")
         console.file.flush()
         return texts
-    streams: dict[str, Iterator[str]] = {e.name: iter(e.stream(messages[e.name], max_tokens, temperature)) for e in engines}
+    streams: dict[str, Iterator[str]] = {e.name: iter(e.stream(messages[e.name], max_tokens, temperature)) for e in streamers}
     done: set[str] = set()
-    with Live(_view(engines, texts, done), console=console, refresh_per_second=12, vertical_overflow="visible") as live:
-        while len(done) < len(engines):
+    with Live(_view(streamers, texts, done), console=console, refresh_per_second=12, vertical_overflow="visible") as live:
+        while len(done) < len(streamers):
             for name, it in streams.items():  # round robin: both columns advance together
                 if name in done:
                     continue
@@ -67,36 +67,36 @@ def stream_answers(engines: list[Engine], messages: dict[str, list[dict]], max_t
                     done.add(name)
                 else:
                     texts[name] += piece
-            live.update(_view(engines, texts, done))
+            live.update(_view(streamers, texts, done))
     return texts
 
 
 def generate(target: str, prompt: str, runtime: str = "llama_cpp", compare: bool = False, max_tokens: int = 256,
              temperature: float = 0.0, base: str | None = None, system: str | None = None,
-             console: Console | None = None, engines: list[Engine] | None = None) -> dict[str, str]:
+             console: Console | None = None, streamers: list[Streamer] | None = None) -> dict[str, str]:
     """One-shot answer(s) for `prompt`: {"adapted": ...} or, with compare, {"base": ..., "adapted": ...}.
 
     `target` is a run folder, a GGUF adapter file or an MLX adapter folder; `base` overrides the base model.
-    `engines` (tests) bypasses model loading.
+    `streamers` (tests) bypasses model loading.
     """
     console = console or Console()
-    engines = engines or _load(target, runtime, compare, base, console)
-    messages = {e.name: _messages([], system, prompt) for e in engines}
-    return stream_answers(engines, messages, max_tokens, temperature, console)
+    streamers = streamers or _load(target, runtime, compare, base, console)
+    messages = {e.name: _messages([], system, prompt) for e in streamers}
+    return stream_answers(streamers, messages, max_tokens, temperature, console)
 
 
 def chat_loop(target: str, runtime: str = "llama_cpp", compare: bool = False, max_tokens: int = 512,
               temperature: float = 0.0, base: str | None = None, system: str | None = None,
-              console: Console | None = None, engines: list[Engine] | None = None,
+              console: Console | None = None, streamers: list[Streamer] | None = None,
               read_line: Callable[[str], str] | None = None) -> int:
     """A REPL: each line is a user turn; /reset clears the history, /exit (or EOF, Ctrl-C) leaves. Returns turns."""
     console = console or Console()
-    engines = engines or _load(target, runtime, compare, base, console)
+    streamers = streamers or _load(target, runtime, compare, base, console)
     read_line = read_line or (lambda p: console.input(p) if console.is_terminal else input())
-    histories: dict[str, list[dict]] = {e.name: [] for e in engines}
+    histories: dict[str, list[dict]] = {e.name: [] for e in streamers}
     if console.is_terminal:
         console.print(Panel(Text.from_markup(
-            f"[bold]rmx-local chat[/] · {' vs '.join(e.name for e in engines)} · {engines[-1].info}\n"
+            f"[bold]rmx-local chat[/] · {' vs '.join(e.name for e in streamers)} · {streamers[-1].info}\n"
             "[dim]/reset clears the conversation, /exit leaves[/]"), border_style="magenta"))
     turns = 0
     while True:
@@ -114,7 +114,7 @@ def chat_loop(target: str, runtime: str = "llama_cpp", compare: bool = False, ma
             continue
         messages = {name: _messages(h, system, line) for name, h in histories.items()}
         try:
-            answers = stream_answers(engines, messages, max_tokens, temperature, console)
+            answers = stream_answers(streamers, messages, max_tokens, temperature, console)
         except KeyboardInterrupt:
             console.print("[dim](interrupted)[/]")
             continue
@@ -124,8 +124,8 @@ def chat_loop(target: str, runtime: str = "llama_cpp", compare: bool = False, ma
     return turns
 
 
-def _load(target: str, runtime: str, compare: bool, base: str | None, console: Console) -> list[Engine]:
+def _load(target: str, runtime: str, compare: bool, base: str | None, console: Console) -> list[Streamer]:
     if not console.is_terminal:
-        return load_engines(target, runtime, compare, base)
+        return load_streamers(target, runtime, compare, base)
     with console.status(f"loading {'base + adapted' if compare else 'adapted'} model ({runtime})…"):
-        return load_engines(target, runtime, compare, base)
+        return load_streamers(target, runtime, compare, base)

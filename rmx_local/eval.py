@@ -54,7 +54,7 @@ from rmx_local.recipe import TaskConfig
 from rmx_local.tasks import Problem, encode_prompts
 from rmx_local.verify import verify_many
 
-RUNTIMES = ("torch", "llama_cpp")
+EVAL_RUNTIMES = ("torch", "llama_cpp")
 DEFAULT_MAX_TOKENS = 512
 
 
@@ -167,7 +167,7 @@ def paired(first: list[ProblemRecord], other: list[ProblemRecord]) -> dict:
     return {"diff": diff, "se": se, "z": diff / se if se > 0 else None}
 
 
-def agreement(a: list[ProblemRecord], b: list[ProblemRecord]) -> dict:
+def answer_agreement(a: list[ProblemRecord], b: list[ProblemRecord]) -> dict:
     n = max(len(a), 1)
     return {"same_answer": sum(x.parsed[0] == y.parsed[0] for x, y in zip(a, b)) / n,
             "same_verdict": sum(x.correct[0] == y.correct[0] for x, y in zip(a, b)) / n}
@@ -200,9 +200,9 @@ def parse_runtimes(values: list[str] | tuple[str, ...]) -> list[str]:
     from rmx_local.engines import llama_cpp_importable
 
     names = [v.strip() for item in values for v in item.split(",") if v.strip()] or ["torch"]
-    bad = [n for n in names if n not in RUNTIMES]
+    bad = [n for n in names if n not in EVAL_RUNTIMES]
     if bad:
-        raise RmxError(f"--runtime {bad[0]!r} is unknown", fix=f"use {' or '.join(RUNTIMES)} (repeat or comma-separate for both)")
+        raise RmxError(f"--runtime {bad[0]!r} is unknown", fix=f"use {' or '.join(EVAL_RUNTIMES)} (repeat or comma-separate for both)")
     if "llama_cpp" in names and not llama_cpp_importable():
         raise RmxError("--runtime llama_cpp needs llama-cpp-python, which is not installed",
                        fix="pip install 'rmx-local[llama]'  (or use --runtime torch)")
@@ -373,7 +373,7 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
                     row["vs_first"] = paired(records[spec, runtime, first], records[spec, runtime, t.label])
                 entry["results"][runtime][t.label] = row
         if len(runtimes) == 2:
-            entry["agreement"] = {t.label: agreement(records[spec, "torch", t.label], records[spec, "llama_cpp", t.label])
+            entry["agreement"] = {t.label: answer_agreement(records[spec, "torch", t.label], records[spec, "llama_cpp", t.label])
                                   for t in targets}
         summary["data"].append(entry)
     if out_dir is not None:

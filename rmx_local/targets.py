@@ -90,7 +90,7 @@ def _peft_gguf(adapter: LoraAdapter, folder: Path) -> Path:
 def resolve_target(spec: str, *, base: str | None = None, gguf: bool = False) -> Target:
     """One TARGET (not `base`: see resolve_targets)."""
     from rmx_local.export.run import load_run_adapter, run_base_spec
-    from rmx_local.export.runtimes import resolve_target as runtime_target
+    from rmx_local.export.runtimes import resolve_chat_target
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "adapter").is_dir():
@@ -98,7 +98,7 @@ def resolve_target(spec: str, *, base: str | None = None, gguf: bool = False) ->
         adapter.base_model = base or run_base_spec(path, adapter)
         target = Target(spec, "run", adapter.base_model, adapter)
         if gguf:
-            target.gguf_adapter = runtime_target(path, "llama_cpp", adapter.base_model).adapter_path
+            target.gguf_adapter = resolve_chat_target(path, "llama_cpp", adapter.base_model).adapter_path
         return _with_run_prompt(target, path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         adapter = load_peft(path)
@@ -110,7 +110,7 @@ def resolve_target(spec: str, *, base: str | None = None, gguf: bool = False) ->
     if path.is_file() and path.suffix == ".gguf" and _is_gguf_adapter(path):
         from rmx_local.export.gguf_adapter import read_gguf_adapter
 
-        base_spec = runtime_target(path, "llama_cpp", base).base_spec
+        base_spec = resolve_chat_target(path, "llama_cpp", base).base_spec
         adapter = read_gguf_adapter(path, model_config=_base_config(base_spec))
         adapter.base_model = base_spec
         return _with_run_prompt(Target(spec, "gguf_adapter", base_spec, adapter, path), _owning_run(path))

@@ -135,7 +135,7 @@ def test_real_gemma_3_270m_exports_match_peft(tmp_path):
     """The second embedded model (gemma3_text, head_dim 256 on a 640-wide model, 262k vocabulary): our GGUF LoRA in
     llama.cpp on an F32 copy of its base and our MLX adapter in mlx-lm, against PEFT (~90 s)."""
     from rmx_local.export import write_gguf_adapter, write_mlx_adapter
-    from rmx_local.export.check import agreement, base_setup, llama_cpp_logits, mlx_logits, peft_logits
+    from rmx_local.export.check import logit_agreement, base_setup, llama_cpp_logits, mlx_logits, peft_logits
     from rmx_local.export.gguf_base import f32_base_gguf
 
     setup = base_setup("embedded:gemma-3-270m")
@@ -144,13 +144,13 @@ def test_real_gemma_3_270m_exports_match_peft(tmp_path):
     base, adapted = peft_logits(setup["hf_path"], adapter, setup["tokens"])
     f32 = f32_base_gguf(setup["gguf_path"])
     cpp_base, _ = llama_cpp_logits(f32, None, setup["tokens"])
-    assert agreement(cpp_base, base)["corr"] > 0.9999
+    assert logit_agreement(cpp_base, base)["corr"] > 0.9999
     cpp_adapted, _ = llama_cpp_logits(f32, write_gguf_adapter(adapter, tmp_path / "a.gguf", "f16"), setup["tokens"])
-    assert archcheck.passes(fit := agreement(cpp_adapted - cpp_base, adapted - base)), fit
+    assert archcheck.passes(fit := logit_agreement(cpp_adapted - cpp_base, adapted - base)), fit
     folder = write_mlx_adapter(adapter, tmp_path / "mlx")
     mlx_base, _ = mlx_logits(setup["hf_path"], None, setup["tokens"])
     mlx_adapted, _ = mlx_logits(setup["hf_path"], folder, setup["tokens"])
-    assert archcheck.passes(fit := agreement(mlx_adapted - mlx_base, adapted - base)), fit
+    assert archcheck.passes(fit := logit_agreement(mlx_adapted - mlx_base, adapted - base)), fit
 
 
 def test_llama_cpp_puts_bos_first_where_the_gguf_asks_for_it(matrix):

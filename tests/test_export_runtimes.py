@@ -12,8 +12,8 @@ from rich.console import Console
 from rmx_local.adapter import save_peft
 from rmx_local.chat import chat_loop, generate
 from rmx_local.export import write_gguf_adapter, write_mlx_adapter
-from rmx_local.export.check import agreement, base_setup, llama_cpp_logits, mlx_logits, peft_logits, random_adapter
-from rmx_local.export.runtimes import Engine
+from rmx_local.export.check import logit_agreement, base_setup, llama_cpp_logits, mlx_logits, peft_logits, random_adapter
+from rmx_local.export.runtimes import Streamer
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,11 @@ def test_llama_cpp_delta_matches_peft(smol, tmp_path):
 
     f32 = f32_base_gguf(smol["gguf_path"])
     base, _ = llama_cpp_logits(f32, None, smol["tokens"])
-    assert agreement(base, smol["base"])["corr"] > 0.9999  # the F32 copy is the very model PyTorch runs
+    assert logit_agreement(base, smol["base"])["corr"] > 0.9999  # the F32 copy is the very model PyTorch runs
     for outtype in ("f32", "q8_0"):  # q8_0 also covers a mixed file (rank-long lora_b rows fall back to f16)
         path = write_gguf_adapter(smol["adapter"], tmp_path / f"a-{outtype}.gguf", outtype)
         adapted, _ = llama_cpp_logits(f32, path, smol["tokens"])
-        fit = agreement(adapted - base, smol["ref"])
+        fit = logit_agreement(adapted - base, smol["ref"])
         assert fit["ref_max_abs"] > 0.5, "the random adapter must visibly move the logits"
         assert fit["corr"] >= 0.999 and fit["max_abs_diff"] < 0.05 * fit["ref_max_abs"], (outtype, fit)
     # On the shipped Q4_1 base, activation quantization adds noise: benchmarks/export.py reports that figure.
@@ -54,7 +54,7 @@ def test_mlx_delta_matches_peft(smol, tmp_path):
     folder = write_mlx_adapter(smol["adapter"], tmp_path / "mlx")
     base, _ = mlx_logits(smol["hf_path"], None, smol["tokens"])
     adapted, _ = mlx_logits(smol["hf_path"], folder, smol["tokens"])
-    fit = agreement(adapted - base, smol["ref"])
+    fit = logit_agreement(adapted - base, smol["ref"])
     assert fit["corr"] >= 0.9999 and fit["max_abs_diff"] < 0.01 * fit["ref_max_abs"], fit
 
 
@@ -64,13 +64,13 @@ def fake(name, words):
     def stream(messages, max_tokens, temperature):
         assert messages[-1]["role"] == "user"
         yield from [w + " " for w in words[:max_tokens]]
-    return Engine(name, stream, f"fake {name}")
+    return Streamer(name, stream, f"fake {name}")
 
 
 def test_generate_compare_plain_when_not_a_tty():
     out = io.StringIO()
     answers = generate("unused", "2+2?", compare=True, console=Console(file=out),
-                       engines=[fake("base", ["five"]), fake("adapted", ["four", "!"])])
+                       streamers=[fake("base", ["five"]), fake("adapted", ["four", "!"])])
     assert answers == {"base": "five ", "adapted": "four ! "}
     assert out.getvalue() == "### base\nfive \n\n### adapted\nfour ! \n\n"
 
@@ -78,7 +78,7 @@ def test_generate_compare_plain_when_not_a_tty():
 def test_generate_compare_side_by_side_on_a_tty():
     out = io.StringIO()
     generate("unused", "2+2?", compare=True, console=Console(file=out, force_terminal=True, width=80),
-             engines=[fake("base", ["five"]), fake("adapted", ["four"])])
+             streamers=[fake("base", ["five"]), fake("adapted", ["four"])])
     last = out.getvalue()
     row = next(line for line in last.splitlines() if "five" in line)
     assert "four" in row  # one row holds both answers: the panels sit side by side
@@ -92,7 +92,7 @@ def test_chat_loop_keeps_history_and_resets():
         yield "ok"
 
     lines = iter(["hi", "again", "/reset", "fresh", "/exit", "never"])
-    turns = chat_loop("unused", console=Console(file=io.StringIO()), engines=[Engine("adapted", stream)],
+    turns = chat_loop("unused", console=Console(file=io.StringIO()), streamers=[Streamer("adapted", stream)],
                       read_line=lambda prompt: next(lines), system="Be brief.")
     assert turns == 3 and seen == [2, 4, 2]
 

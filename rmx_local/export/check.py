@@ -1,7 +1,7 @@
 """Prove an exported adapter in its runtime: logits(adapted) - logits(base) there vs. the same in PyTorch+PEFT.
 
 Each `*_logits` function returns float32 arrays (positions, vocab) for the base and the adapted model on the
-same token ids; `agreement` compares two such deltas. Shortcut: one prompt, one forward pass per model
+same token ids; `logit_agreement` compares two such deltas. Shortcut: one prompt, one forward pass per model
 (no sampling); llama.cpp and mlx each load the base twice (with and without the adapter).
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from rmx_local.adapter import LoraAdapter, save_peft
 
 
-def agreement(delta: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+def logit_agreement(delta: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Pearson correlation, max and RMS |difference| between two logits deltas, plus the reference's scale."""
     a, b = delta.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
     return {"corr": float(np.corrcoef(a, b)[0, 1]), "max_abs_diff": float(np.abs(a - b).max()),
