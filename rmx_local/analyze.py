@@ -190,6 +190,7 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
     from rmx_local.analyze_torch import load_pair
     from rmx_local.data import load_problems
     from rmx_local.eval import DEFAULT_MAX_TOKENS, Prompt
+    from rmx_local.model_check import check_model_source
     from rmx_local.targets import check_fits, resolve_target
     from rmx_local.tasks import encode_prompts
     from rmx_local.ui import UI
@@ -202,6 +203,8 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
     if target.adapter is not None:
         target.base_spec = base
         check_fits(target)
+    for spec in dict.fromkeys((base, target.base_spec)):  # before either model loads
+        check_model_source(spec)
     prompt = Prompt(template or target.template or Prompt.template,
                     instruction if instruction is not None else target.instruction or Prompt.instruction)
     stepper, tokenizer, eos_ids, what = load_pair(base, target, device, ui.line)

@@ -22,6 +22,7 @@ from rmx_local import __version__
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.io import atomic_write_json, atomic_write_text
 from rmx_local.lock import run_lock
+from rmx_local.model_check import check_model_source
 from rmx_local.recipe import Recipe, recipe_to_toml
 from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import cached_eval, summarize
@@ -50,6 +51,7 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     """The whole method, holding the run folder's lock (a second run on the same folder stops at once); `rounds` > 1
     repeats it, sampling from the previous round's adapted model (rounds.py)."""
     ui = ui or UI()
+    check_model_source(recipe.model)  # before the lock and any stage: an unusable model is one line
     with run_lock(recipe.run_dir, ui.line):
         if recipe.rounds > 1:
             from rmx_local.rounds import run_rounds
