@@ -197,7 +197,7 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
     from rmx_local.verify import verify_many
 
     ui = ui or UI()
-    problems = load_problems(data, limit=limit, seed=seed)
+    problems = load_problems(data, limit=limit, seed=seed, warn=ui.line)
     target = resolve_target(teacher, base=None if base == "base" else base)
     base = target.base_spec if base == "base" else base
     if target.adapter is not None:

@@ -314,7 +314,7 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
         raise RmxError("eval: the same TARGET is given twice", fix="name each target once")
     out_dir = _check_out(opts.out)
     data = [(spec, load_problems(spec, limit=opts.limit, seed=opts.seed, question_field=opts.question_field,
-                                 answer_field=opts.answer_field)) for spec in opts.data]
+                                 answer_field=opts.answer_field, warn=ui.line)) for spec in opts.data]
     targets = resolve_targets(list(target_specs), base=opts.base, gguf="llama_cpp" in runtimes)
     for base_spec in dict.fromkeys(t.base_spec for t in targets):  # before any model loads
         check_model_source(base_spec)

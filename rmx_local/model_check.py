@@ -42,10 +42,13 @@ def check_model_source(source: Any, *, weights: bool = True) -> None:
     if spec.startswith("embedded:"):
         return
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        check_gguf(path)
-    elif path.is_dir():
-        check_folder(path, weights=weights)
+    try:
+        if path.suffix == ".gguf" and path.is_file():
+            check_gguf(path)
+        elif path.is_dir():
+            check_folder(path, weights=weights)
+    except OSError as e:
+        raise RmxError(f"model: cannot read {path} ({e.strerror or e})", fix="check the path and its permissions") from None
 
 
 def known_gguf_architecture(arch: str) -> bool:

@@ -51,8 +51,8 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     """The whole method, holding the run folder's lock (a second run on the same folder stops at once); `rounds` > 1
     repeats it, sampling from the previous round's adapted model (rounds.py)."""
     ui = ui or UI()
-    check_model_source(recipe.model)  # before the lock and any stage: an unusable model is one line
     with run_lock(recipe.run_dir, ui.line):
+        check_model_source(recipe.model)  # before any stage: an unusable model is one line
         if recipe.rounds > 1:
             from rmx_local.rounds import run_rounds
 
