@@ -61,6 +61,9 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
     r = load_recipe(_recipe_path(recipe), list(overrides))
     ui = UI(rich=False if plain else None)
     if dry_run:
+        from rmx_local.model_check import check_model_source
+
+        check_model_source(r.model)  # a plan for a model that cannot load is no plan (run checks it under its lock)
         ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
         from rmx_local.plan import print_plan
 

@@ -446,6 +446,7 @@ CASES = [
     *[(f"model: {kind}", INPROC, bad_model(make), needle) for kind, (make, needle) in MODEL_KINDS.items()],
     *[(f"model: {kind} (eval)", INPROC, model_eval(make), needle) for kind, (make, needle) in MODEL_KINDS.items()],
     ("model: config only (analyze)", INPROC, model_eval(config_only, "analyze"), "has no weights"),
+    ("model: config only (run --dry-run)", INPROC, bad_model(config_only, "--dry-run"), "has no weights"),
     ("model: chat template missing", INPROC, bad_model(no_chat_template, "task.template=chat", names="task.template"),
      "this tokenizer has no chat template"),
     ("model: architecture the GGUF exporter lacks", INPROC,
