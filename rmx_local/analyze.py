@@ -190,18 +190,21 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
     from rmx_local.analyze_torch import load_pair
     from rmx_local.data import load_problems
     from rmx_local.eval import DEFAULT_MAX_TOKENS, Prompt
+    from rmx_local.model_check import check_model_source
     from rmx_local.targets import check_fits, resolve_target
     from rmx_local.tasks import encode_prompts
     from rmx_local.ui import UI
     from rmx_local.verify import verify_many
 
     ui = ui or UI()
-    problems = load_problems(data, limit=limit, seed=seed)
+    problems = load_problems(data, limit=limit, seed=seed, warn=ui.line)
     target = resolve_target(teacher, base=None if base == "base" else base)
     base = target.base_spec if base == "base" else base
     if target.adapter is not None:
         target.base_spec = base
         check_fits(target)
+    for spec in dict.fromkeys((base, target.base_spec)):  # before either model loads
+        check_model_source(spec)
     prompt = Prompt(template or target.template or Prompt.template,
                     instruction if instruction is not None else target.instruction or Prompt.instruction)
     stepper, tokenizer, eos_ids, what = load_pair(base, target, device, ui.line)

@@ -9,10 +9,9 @@ from pathlib import Path
 import click
 
 from rmx_local.errors import RmxError
-from rmx_local.recipe import CHOICES, load_recipe, recipe_to_toml
+from rmx_local.recipe import CHOICES, flag_check as field, load_recipe, recipe_to_toml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-OUTTYPES = sorted(CHOICES["export.outtype"])
 
 
 def _fail(e: RmxError) -> None:
@@ -62,6 +61,9 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
     r = load_recipe(_recipe_path(recipe), list(overrides))
     ui = UI(rich=False if plain else None)
     if dry_run:
+        from rmx_local.model_check import check_model_source
+
+        check_model_source(r.model)  # a plan for a model that cannot load is no plan (run checks it under its lock)
         ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
         from rmx_local.plan import print_plan
 
@@ -138,7 +140,8 @@ def recipes_copy(name: str, dest: str) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "formats", default="all", show_default=True, help="gguf, mlx, peft, ollama or all (comma-separated).")
-@click.option("--outtype", default="f16", show_default=True, type=click.Choice(OUTTYPES))
+@click.option("--outtype", default="f16", show_default=True, callback=field("export.outtype"),
+              help=f"GGUF tensor type: {', '.join(sorted(CHOICES['export.outtype']))}.")
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Destination folder (default RUN_DIR/export).")
 def export(run_dir: str, formats: str, outtype: str, out_dir: str | None) -> None:
     """Export RUN_DIR's adapter as GGUF (llama.cpp, Ollama), MLX (mlx-lm) and/or PEFT; `all` writes every format
@@ -155,8 +158,8 @@ def export(run_dir: str, formats: str, outtype: str, out_dir: str | None) -> Non
 def _inference_options(f):
     f = click.option("--runtime", type=click.Choice(["llama_cpp", "mlx"]), default="llama_cpp", show_default=True)(f)
     f = click.option("--compare", is_flag=True, help="Show base and adapted answers side by side.")(f)
-    f = click.option("--max-tokens", default=256, show_default=True)(f)
-    f = click.option("--temperature", default=0.0, show_default=True)(f)
+    f = click.option("--max-tokens", default=256, show_default=True, callback=field("eval.max_tokens"))(f)
+    f = click.option("--temperature", default=0.0, show_default=True, callback=field("eval.temperature"))(f)
     f = click.option("--base", default=None, help="Base model GGUF/folder (default: the run's model).")(f)
     return f
 
@@ -186,22 +189,27 @@ def chat(target: str, runtime: str, compare: bool, max_tokens: int, temperature:
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--data", "data", multiple=True, required=True, help="arith:single|word|two_step, a .jsonl/.json/.csv/.parquet "
               "file, a save_to_disk folder, or a hub id org/name[:config[:split]]. Repeatable.")
-@click.option("--limit", type=int, default=None, help="Score a seeded random subset of this many problems per data set.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the subset and of sampling.")
-@click.option("--n-samples", default=1, show_default=True, help="Samples per problem (>1: pass@1, pass@k, maj@k).")
-@click.option("--temperature", default=0.6, show_default=True, help="Sampling temperature (with --n-samples > 1).")
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--max-tokens", type=int, default=None, help="Default: the run target's eval.max_tokens, else 512.")
+@click.option("--limit", type=int, default=None, callback=field("task.eval_size"),
+              help="Score a seeded random subset of this many problems per data set.")
+@click.option("--seed", default=0, show_default=True, callback=field("seed"), help="Seed of the subset and of sampling.")
+@click.option("--n-samples", default=1, show_default=True, callback=field("eval.n_samples"),
+              help="Samples per problem (>1: pass@1, pass@k, maj@k).")
+@click.option("--temperature", default=0.6, show_default=True, callback=field("eval.temperature"),
+              help="Sampling temperature (with --n-samples > 1).")
+@click.option("--top-p", default=0.95, show_default=True, callback=field("eval.top_p"))
+@click.option("--max-tokens", type=int, default=None, callback=field("eval.max_tokens"),
+              help="Default: the run target's eval.max_tokens, else 512.")
 @click.option("--runtime", "runtimes", multiple=True, default=("torch",), show_default=True,
               help="torch and/or llama_cpp (GGUF base + GGUF adapter); repeat or comma-separate.")
 @click.option("--kl", is_flag=True, help="Mean per-token KL(base || adapted) on the base's greedy completions (torch).")
-@click.option("--template", type=click.Choice(["auto", "chat", "raw"]), default=None, help="Default: the run's.")
+@click.option("--template", default=None, callback=field("task.template"), help="auto, chat or raw. Default: the run's.")
 @click.option("--instruction", default=None, help="Text after the question. Default: the run's.")
 @click.option("--question-field", default=None, help="Column, or a template like '{Body} {Question}'.")
 @click.option("--answer-field", default=None, help="Column holding the gold answer.")
 @click.option("--base", default=None, help="Base model spec for the adapters (default: the one they name).")
-@click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all).")
-@click.option("--batch-size", default=64, show_default=True, help="Sequences decoded together.")
+@click.option("--threads", default=0, show_default=True, callback=field("threads"), help="CPU threads (0 = all).")
+@click.option("--batch-size", default=64, show_default=True, callback=field("rollout.batch_size"),
+              help="Sequences decoded together.")
 @click.option("--out", default=None, type=click.Path(), help="Write problems.jsonl and summary.json here.")
 @click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
 def eval_command(targets: tuple[str, ...], plain: bool, **options) -> None:
@@ -237,13 +245,16 @@ def show(run_dir: str, example: int | None) -> None:
 @click.argument("base")
 @click.argument("teacher")
 @click.option("--data", required=True, help="A data spec as `rmx-local eval` takes it (arith:single, a file, a hub id).")
-@click.option("--limit", type=int, default=None, help="A seeded subset of N problems.")
-@click.option("--tau", "taus", type=float, multiple=True, help="Entropy-gate thresholds to sweep (default 0.8 1.2 2 3, plus the run's).")
-@click.option("--max-tokens", type=int, default=None, help="Completion budget (default: the teacher run's eval.max_tokens, else 512).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=64, show_default=True, help="Decoded rows (problem x policy) per batch.")
-@click.option("--seed", default=0, show_default=True, help="Problem subset and the random control's draws.")
-@click.option("--template", type=click.Choice(["auto", "chat", "raw"]), default=None, help="Default: the teacher run's.")
+@click.option("--limit", type=int, default=None, callback=field("task.eval_size"), help="A seeded subset of N problems.")
+@click.option("--tau", "taus", type=float, multiple=True, callback=field("gate.tau"),
+              help="Entropy-gate thresholds to sweep (default 0.8 1.2 2 3, plus the run's).")
+@click.option("--max-tokens", type=int, default=None, callback=field("eval.max_tokens"),
+              help="Completion budget (default: the teacher run's eval.max_tokens, else 512).")
+@click.option("--device", default="auto", show_default=True, callback=field("device"))
+@click.option("--batch-size", default=64, show_default=True, callback=field("rollout.batch_size"),
+              help="Decoded rows (problem x policy) per batch.")
+@click.option("--seed", default=0, show_default=True, callback=field("seed"), help="Problem subset and the random control's draws.")
+@click.option("--template", default=None, callback=field("task.template"), help="auto, chat or raw. Default: the teacher run's.")
 @click.option("--instruction", default=None, help="Text after the question. Default: the teacher run's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
 def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, seed, template, instruction, as_json) -> None:

@@ -1,6 +1,6 @@
 """The one place that loads problems: `load_problems(spec, ...) -> list[Problem]`, for recipes and `rmx-local eval`.
 
-    load_problems(spec, *, limit=None, seed=0, question_field=None, answer_field=None) -> list[Problem]
+    load_problems(spec, *, limit=None, seed=0, question_field=None, answer_field=None, warn=None) -> list[Problem]
 
 SPEC is one of
   arith:single | arith:word | arith:two_step   the built-in seeded generator (`rmx_local.tasks`): the LAST n
@@ -31,20 +31,26 @@ run's problems.json keeps its ids), else "{source}-{row}" with the 0-based row i
 `name[-config][-split]` for hub ids), stable while the source is. Bad input (missing file, unknown
 field, empty data, a row without question or gold, a gold that is a list / object or a multi-line or
 >200-character text, a question over 1 MB) raises one `RmxError` naming the source, the row and the fix.
+Golds the verifier cannot grade (`verify.gold_parses`: words such as "twelve" where a number is expected) are
+counted on read: none gradeable is an error, some is one warning line through `warn` (default: the logging
+warning), each naming the first few ids and golds.
 Shortcut: only the chosen rows' golds are checked, so a bad row outside a `limit` subset goes unnoticed.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rmx_local.errors import RmxError
 from rmx_local.tasks import DIFFICULTIES, Problem, arith_problems, arith_space_size
-from rmx_local.verify import _last_boxed
+from rmx_local.verify import _last_boxed, gold_parses
+
+log = logging.getLogger(__name__)
 
 ARITH_DEFAULT_N = 200  # the quickstart's held-out size
 MAX_QUESTION_CHARS = 1_000_000  # no model's context holds a longer problem: the file is broken
@@ -55,7 +61,7 @@ FIELDS_FIX = "pass --question-field COLUMN (or a template like '{Body} {Question
 
 
 def load_problems(spec: str, *, limit: int | None = None, seed: int = 0, question_field: str | None = None,
-                  answer_field: str | None = None) -> list[Problem]:
+                  answer_field: str | None = None, warn: Callable[[str], None] | None = None) -> list[Problem]:
     """Problems from SPEC (see the module docstring); `limit` picks a seeded subset."""
     if limit is not None and limit <= 0:
         raise RmxError(f"--limit {limit}: must be a positive number of problems", fix="use e.g. --limit 100")
@@ -90,7 +96,21 @@ def load_problems(spec: str, *, limit: int | None = None, seed: int = 0, questio
         i, what, raw = bad[0]
         raise RmxError(f"{spec}: {len(bad)} of {len(rows)} rows have no usable {what} (first: row {i}, "
                        f"{answer_col}={str(raw)[:60]!r})", fix=f"clean those rows, or {FIELDS_FIX}")
+    check_golds(spec, problems, warn or log.warning)
     return problems
+
+
+def check_golds(spec: str, problems: list[Problem], warn: Callable[[str], None], show: int = 3) -> None:
+    """Refuse data whose golds the verifier cannot grade at all; warn (one line) when some of them are such."""
+    words = [p for p in problems if not gold_parses(p.answer)]
+    if not words:
+        return
+    first = ", ".join(f"{p.id}={p.answer[:40]!r}" for p in words[:show])
+    share = f"{len(words)} of {len(problems)} gold answers are words the verifier cannot grade as a number or math"
+    if len(words) == len(problems):
+        raise RmxError(f"{spec}: {share} (first: {first}); every rollout would be graded wrong",
+                       fix=f"golds must be final answers such as 12, 3/4 or \\frac{{1}}{{2}}: {FIELDS_FIX}")
+    warn(f"warning: {spec}: {share} (first: {first}); they count as right only when a completion says the same words")
 
 
 def _arith(spec: str, limit: int | None, seed: int) -> list[Problem]:

@@ -50,6 +50,7 @@ from rmx_local.backends import SampleParams
 from rmx_local.data import load_problems
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_dir
+from rmx_local.model_check import check_model_source
 from rmx_local.recipe import TaskConfig
 from rmx_local.tasks import Problem, encode_prompts
 from rmx_local.verify import verify_many
@@ -313,8 +314,10 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
         raise RmxError("eval: the same TARGET is given twice", fix="name each target once")
     out_dir = _check_out(opts.out)
     data = [(spec, load_problems(spec, limit=opts.limit, seed=opts.seed, question_field=opts.question_field,
-                                 answer_field=opts.answer_field)) for spec in opts.data]
+                                 answer_field=opts.answer_field, warn=ui.line)) for spec in opts.data]
     targets = resolve_targets(list(target_specs), base=opts.base, gguf="llama_cpp" in runtimes)
+    for base_spec in dict.fromkeys(t.base_spec for t in targets):  # before any model loads
+        check_model_source(base_spec)
     if "llama_cpp" in runtimes:
         for t in targets:
             if not resolve_model(t.base_spec).gguf_path:

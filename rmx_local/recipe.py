@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,53 @@ PAPER_TAU = 1.4  # Qwen2.5-1.5B; the paper uses 1.2-1.8
 PAPER_GATE_FRACTION = 0.05
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field can mean: `Range.parse("(0, 1]")`; `inf` = no bound on that side.
+
+    A float must also be finite (TOML allows `inf` and `nan`). `why` is said in the error after the rule."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    why: str = ""
+
+    @classmethod
+    def parse(cls, interval: str, why: str = "") -> "Range":
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        return cls(lo, hi, interval[0] == "(", interval[-1] == ")", why)
+
+    def __contains__(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return (v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def rule(self) -> str:
+        """">= 2", "> 0", "in (0, 1]", "in [0, 4294967295]" (ints print as ints)."""
+        num = lambda x: str(int(x)) if float(x).is_integer() else repr(x)  # noqa: E731
+        if self.hi == math.inf:
+            text = f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        else:
+            text = f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        return text + (f" ({self.why})" if self.why else "")
+
+    def beyond(self, typ: type) -> list[float]:
+        """One value just outside each finite bound, and for floats the non-finite ones (what the tests try)."""
+        out = []
+        if math.isfinite(self.lo):
+            out.append(self.lo if self.lo_open else (int(self.lo) - 1 if typ is int else math.nextafter(self.lo, -math.inf)))
+        if math.isfinite(self.hi):
+            out.append(self.hi if self.hi_open else (int(self.hi) + 1 if typ is int else math.nextafter(self.hi, math.inf)))
+        out = [int(v) if typ is int else float(v) for v in out]
+        return out + ([math.inf, -math.inf, math.nan] if typ is float else [])
+
+
+def ranged(default: float, interval: str, why: str = "") -> Any:
+    """A numeric field with the values it can mean: `n: int = ranged(20, "[2, inf)")`; checked on every read."""
+    return field(default=default, metadata={"range": Range.parse(interval, why)})
+
+
 @dataclass
 class TaskConfig:
     name: str = "arith"  # arith | data (`jsonl` is its old name)
@@ -29,9 +77,11 @@ class TaskConfig:
     eval_path: str = ""  # data only: held-out problems, same forms (default: split from `path`)
     template: str = "auto"  # auto (chat if the tokenizer has one) | chat | raw
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # after the question
-    train_size: int = 55  # candidate problems for rollouts (arith single has 255 problems: 55 + 200 held out)
-    val_size: int = 0  # problems held out for checkpoint selection (0 = no selection, keep the last)
-    eval_size: int = 200  # held-out problems for the final base-vs-adapted table
+    # candidate problems for rollouts (arith single has 255 problems: 55 + 200 held out)
+    train_size: int = ranged(55, "[1, inf)")
+    # problems held out for checkpoint selection (0 = no selection, keep the last)
+    val_size: int = ranged(0, "[0, inf)")
+    eval_size: int = ranged(200, "[1, inf)")  # held-out problems for the final base-vs-adapted table
 
 
 @dataclass
@@ -39,27 +89,27 @@ class RolloutConfig:
     """Stage 1: K sampled completions per training problem from the frozen base; `engine` picks who samples."""
 
     engine: str = "backend"  # backend | llama_cpp | openai | auto
-    n: int = 20  # K rollouts per problem
-    temperature: float = 0.6  # sampling temperature (0 = greedy)
-    top_p: float = 0.95  # nucleus cut on the tempered distribution
-    max_tokens: int = 512  # completion token limit per rollout
-    batch_size: int = 64  # sequences decoded together
+    n: int = ranged(20, "[2, inf)", "advantages need several rollouts per problem")  # K rollouts per problem
+    temperature: float = ranged(0.6, "[0, inf)")  # sampling temperature (0 = greedy)
+    top_p: float = ranged(0.95, "(0, 1]")  # nucleus cut on the tempered distribution
+    max_tokens: int = ranged(512, "[1, inf)")  # completion token limit per rollout
+    batch_size: int = ranged(64, "[1, inf)")  # sequences decoded together
     base_url: str = ""  # openai engine
     api_model: str = ""  # openai engine: model name on the server
     api_key_env: str = "OPENAI_API_KEY"  # openai engine: variable holding the bearer key (unset is fine locally)
-    concurrency: int = 8  # openai engine: requests in flight
-    timeout_s: float = 120.0  # openai engine: seconds per socket operation of one request
+    concurrency: int = ranged(8, "[1, inf)")  # openai engine: requests in flight
+    timeout_s: float = ranged(120.0, "(0, inf)")  # openai engine: seconds per socket operation of one request
     # openai engine: retries of connection errors, timeouts, 429 and 5xx, with exponential backoff
-    retries: int = 4
+    retries: int = ranged(4, "[0, inf)")
 
 
 @dataclass
 class SelectConfig:
     """Stage 2: grade every rollout, keep the mixed problems, compute advantages."""
 
-    max_problems: int = 50  # mixed problems kept, closest to 50% correct first
-    trim_longest: float = 0.0  # drop this fraction of the longest rollouts
-    advantage_clip: float = 2.5  # A = (r - mean) / max(std, 1e-8), clipped to +-this
+    max_problems: int = ranged(50, "[1, inf)")  # mixed problems kept, closest to 50% correct first
+    trim_longest: float = ranged(0.0, "[0, 1)")  # drop this fraction of the longest rollouts
+    advantage_clip: float = ranged(2.5, "(0, inf)")  # A = (r - mean) / max(std, 1e-8), clipped to +-this
 
 
 @dataclass
@@ -68,36 +118,40 @@ class GateConfig:
 
     mode: str = "fraction"  # fraction (tau chosen so `fraction` of completion tokens pass) | tau
     # mode tau: decision points are the completion tokens whose base entropy H_t exceeds tau (nats)
-    tau: float = PAPER_TAU
-    fraction: float = PAPER_GATE_FRACTION  # 1.0 = every completion token (a control)
+    tau: float = ranged(PAPER_TAU, "[0, inf)", "an entropy in nats")
+    fraction: float = ranged(PAPER_GATE_FRACTION, "(0, 1]")  # 1.0 = every completion token (a control)
     select: str = "high"  # high (the paper) | low: the same number of lowest-entropy tokens (a control)
     exclude_shared: bool = False  # never gate positions whose context all of a problem's rollouts share
     # gate (the paper) | all: positive-advantage rollouts train on every completion token, negative ones on the gate
     positives: str = "gate"
-    batch_size: int = 8  # sequences per teacher-forced scoring pass
+    batch_size: int = ranged(8, "[1, inf)")  # sequences per teacher-forced scoring pass
 
 
 @dataclass
 class TrainConfig:
     """Stage 4: the LoRA correction and its optimizer (AdamW, linear warmup then linear decay)."""
 
-    lora_rank: int = 32  # LoRA rank r
-    lora_alpha: float = 64.0  # LoRA scale alpha (the update is alpha / r * B @ A)
-    lora_dropout: float = 0.0  # dropout on the LoRA branch input
+    lora_rank: int = ranged(32, "[1, inf)")  # LoRA rank r
+    lora_alpha: float = ranged(64.0, "(0, inf)")  # LoRA scale alpha (the update is alpha / r * B @ A)
+    lora_dropout: float = ranged(0.0, "[0, 1)")  # dropout on the LoRA branch input
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # layers with LoRA
-    lr: float = 1e-4  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup_steps: int = 50  # linear warmup steps, then linear decay to 0
-    epochs: float = 1.0  # passes over the selected rollouts (fractions allowed)
-    batch_size: int = 1  # sequences per micro-batch (one forward)
-    grad_accum: int = 8  # micro-batches per optimizer step
-    group_size: int = 1  # shuffle groups of this many rollouts of one problem (prompt computed once per group); paper: 1
-    grad_clip: float = 1.0  # global gradient-norm clip
-    kl_coef: float = 0.2  # weight of the KL(p_base || p_theta) anchor on the tokens outside the gate
-    negative_ce_cap: float = 0.0  # 0 = unbounded (paper); >0 stops pushing a negative token once its CE exceeds this
+    lr: float = ranged(1e-4, "(0, inf)")  # AdamW peak learning rate
+    weight_decay: float = ranged(0.0, "[0, inf)")  # AdamW decoupled weight decay
+    warmup_steps: int = ranged(50, "[0, inf)")  # linear warmup steps, then linear decay to 0
+    epochs: float = ranged(1.0, "(0, inf)")  # passes over the selected rollouts (fractions allowed)
+    batch_size: int = ranged(1, "[1, inf)")  # sequences per micro-batch (one forward)
+    grad_accum: int = ranged(8, "[1, inf)")  # micro-batches per optimizer step
+    # shuffle groups of this many rollouts of one problem (prompt computed once per group); paper: 1
+    group_size: int = ranged(1, "[1, inf)")
+    grad_clip: float = ranged(1.0, "[0, inf)")  # global gradient-norm clip
+    # weight of the KL(p_base || p_theta) anchor on the tokens outside the gate
+    kl_coef: float = ranged(0.2, "[0, inf)")
+    # 0 = unbounded (paper); >0 stops pushing a negative token once its CE exceeds this
+    negative_ce_cap: float = ranged(0.0, "[0, inf)")
     positive_only: bool = False  # control: drop negative-advantage rollouts
     random_gate: bool = False  # control: gate a random set of the same size instead of high-entropy tokens
-    checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only at the end); also the validation cadence
+    # optimizer steps between checkpoints (0 = only at the end); also the validation cadence
+    checkpoint_every: int = ranged(0, "[0, inf)")
     select_on_train: bool = False  # no val split: pick the checkpoint by greedy accuracy on the train problems
     objective: str = "reasonmaxxer"  # reasonmaxxer (the paper's loss) | rft (baseline: plain CE on all correct rollouts)
 
@@ -106,13 +160,14 @@ class TrainConfig:
 class EvalConfig:
     """Stage 5: base vs adapted on the held-out problems."""
 
-    n_samples: int = 4  # sampled completions per problem for pass@1 (mean ± standard error)
-    temperature: float = 0.6  # sampling temperature for pass@1
-    top_p: float = 0.95  # nucleus cut for pass@1
+    n_samples: int = ranged(4, "[0, inf)")  # sampled completions per problem for pass@1 (mean ± standard error)
+    temperature: float = ranged(0.6, "[0, inf)")  # sampling temperature for pass@1
+    top_p: float = ranged(0.95, "(0, 1]")  # nucleus cut for pass@1
     greedy: bool = True  # score greedy accuracy (one greedy completion per problem)
     # completion token limit in evaluation (and in checkpoint validation)
-    max_tokens: int = 512
-    batch_size: int = 0  # sequences decoded together (0 = rollout.batch_size); the KV cache grows with it
+    max_tokens: int = ranged(512, "[1, inf)")
+    # sequences decoded together (0 = rollout.batch_size); the KV cache grows with it
+    batch_size: int = ranged(0, "[0, inf)")
 
 
 @dataclass
@@ -130,12 +185,14 @@ class Recipe:
     backend: str = "torch"  # torch | mlx | auto
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
-    seed: int = 0  # problem split, rollout sampling, data order and LoRA init
+    # problem split, rollout sampling, data order and LoRA init
+    seed: int = ranged(0, "[0, 4294967295]", "the seeds derived from it must fit 64 bits")
     run_dir: str = "runs/default"  # the run folder: every output, and what a rerun resumes from
     trust_remote_code: bool = False  # let transformers run a hub model's own code
-    threads: int = 0  # torch CPU threads (0 = all cores)
+    threads: int = ranged(0, "[0, inf)")  # torch CPU threads (0 = all cores)
     report: bool = True  # write RUN/report/index.html at the end of `rmx-local run` (skipped when matplotlib is missing)
-    rounds: int = 1  # sample -> select -> gate -> train, repeated with the adapted model as the sampler; paper: 1
+    # sample -> select -> gate -> train, repeated with the adapted model as the sampler; paper: 1
+    rounds: int = ranged(1, "[1, inf)")
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -194,6 +251,59 @@ def _check_value(where: str, key: str, typ: Any, value: Any) -> Any:
     return value
 
 
+def field_info(key: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field of a dotted key (`train.lr`) and its default."""
+    cls, default = Recipe, Recipe()
+    *sections, name = key.split(".")
+    for section in sections:
+        default = getattr(default, section)
+        cls = type(default)
+    return next(f for f in dataclasses.fields(cls) if f.name == name), getattr(default, name)
+
+
+def numeric_fields() -> list[tuple[str, type, Range | None]]:
+    """(dotted key, int or float, its Range or None) for every numeric field of the schema."""
+    out = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            elif hints[f.name] in (int, float):
+                out.append((prefix + f.name, hints[f.name], f.metadata.get("range")))
+
+    walk(Recipe, "")
+    return out
+
+
+def check_range(where: str, key: str, value: Any, flag: str | None = None) -> Any:
+    """Refuse a value outside its field's range (and a value not among CHOICES[key]), naming field, value and an
+    example; `flag` (e.g. "--top-p") words the fix for a CLI option that sets the field. Returns the value."""
+    f, default = field_info(key)
+    rng = f.metadata.get("range")
+    example = f"{flag} {default}" if flag else f"{key} = {default!r}"
+    if rng is not None and value not in rng:
+        finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+        subject = f"must be {finite}{rng.rule()}" + (f" (the range of {key})" if flag else "")
+        raise RmxError(f"{where}: {'' if flag else key + ' '}{subject}, got {value!r}", fix=f"write e.g. {example}")
+    if flag and key in CHOICES and value not in CHOICES[key]:
+        raise RmxError(f"{where}: {value!r} is not one of {sorted(CHOICES[key])}", fix=f"write e.g. {flag} {default}")
+    return value
+
+
+def flag_check(key: str):
+    """A click callback: the option mirrors recipe field KEY and takes the same range/choices (None = unset)."""
+    def callback(ctx, param, value):
+        if value is None or value == ():
+            return value
+        flag = max(param.opts, key=len)
+        for v in value if isinstance(value, tuple) else (value,):
+            check_range(f"{flag} {v}", key, v, flag)
+        return value
+    return callback
+
+
 def _example(typ: Any) -> str:
     return {bool: "true", int: "8", float: "0.5", str: '"text"'}.get(typ, '["a", "b"]')
 
@@ -213,7 +323,7 @@ def _fill(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
                 raise RmxError(f"{where}: `{full}` must be a [{full}] table", fix=f"write its keys under a [{full}] line")
             _fill(current, value, where, prefix=f"{full}.")
         else:
-            setattr(obj, key, _check_value(where, full, hints[key], value))
+            setattr(obj, key, check_range(where, full, _check_value(where, full, hints[key], value)))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -252,22 +362,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
 def _check_ranges(r: Recipe, where: str) -> None:
     formats_ok = all(f.strip() in (*EXPORT_FORMATS, "all") for item in r.export.formats for f in item.split(","))
     checks = [  # (ok, field, value, rule, a valid example)
-        (r.rollout.n >= 2, "rollout.n", r.rollout.n, "must be >= 2 (advantages need several rollouts per problem)", "8"),
-        (0 < r.rollout.top_p <= 1, "rollout.top_p", r.rollout.top_p, "must be in (0, 1]", "0.95"),
-        (r.rollout.temperature >= 0, "rollout.temperature", r.rollout.temperature, "must be >= 0", "0.6"),
-        (0 < r.gate.fraction <= 1, "gate.fraction", r.gate.fraction, "must be in (0, 1] (1 = every completion token)", "0.05"),
-        (0 <= r.select.trim_longest < 1, "select.trim_longest", r.select.trim_longest, "must be in [0, 1)", "0.0"),
-        (r.train.lora_rank > 0, "train.lora_rank", r.train.lora_rank, "must be > 0", "32"),
-        (r.train.batch_size > 0, "train.batch_size", r.train.batch_size, "must be > 0", "1"),
-        (r.train.grad_accum > 0, "train.grad_accum", r.train.grad_accum, "must be > 0", "8"),
-        (r.train.group_size >= 1, "train.group_size", r.train.group_size, "must be >= 1 (1 = shuffled sequences)", "1"),
-        (r.task.train_size > 0, "task.train_size", r.task.train_size, "must be > 0", "55"),
         (r.task.name == "arith" or r.task.path, "task.path", r.task.path, f'is required when task.name = "{r.task.name}"',
          '"data/train.jsonl"'),
-        (r.eval.n_samples >= 0, "eval.n_samples", r.eval.n_samples, "must be >= 0", "4"),
-        (r.eval.batch_size >= 0, "eval.batch_size", r.eval.batch_size, "must be >= 0 (0 = rollout.batch_size)", "0"),
         (formats_ok, "export.formats", r.export.formats, f"must be among {', '.join(EXPORT_FORMATS)}, all", '["gguf", "peft"]'),
-        (r.rounds >= 1, "rounds", r.rounds, "must be >= 1", "1"),
         (r.rounds == 1 or r.rollout.engine == "backend", "rounds", r.rounds, "> 1 needs rollout.engine = \"backend\" "
          "(the other engines sample the base, not the adapted model)", "1"),
     ]

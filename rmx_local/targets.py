@@ -64,13 +64,10 @@ def _with_run_prompt(target: Target, run_dir: Path | None) -> Target:
 
 
 def _is_gguf_adapter(path: Path) -> bool:
-    import gguf
+    """A complete GGUF (rmx_local.model_check: header, length, architecture) whose general.type is adapter."""
+    from rmx_local.model_check import check_gguf
 
-    try:
-        fields = gguf.GGUFReader(str(path)).fields
-    except (ValueError, OSError) as e:
-        raise RmxError(f"{path}: not a readable GGUF file ({e})", fix="pass a model .gguf or an exported adapter .gguf") from None
-    return "general.type" in fields and fields["general.type"].contents() == "adapter"
+    return check_gguf(path).get("general.type") == "adapter"
 
 
 def _peft_gguf(adapter: LoraAdapter, folder: Path) -> Path:

@@ -171,9 +171,20 @@ def _text_key(s: str) -> str:
     return re.sub(r"\s+", "", s).casefold()
 
 
+_WORDS_RE = re.compile(r"[A-Za-z][A-Za-z '\-]+")  # a text answer ("twelve", "Paris"), graded word for word only
+
+
+def gold_parses(gold: str) -> bool:
+    """Whether the verifier reads a math value from this gold (a number, a fraction, LaTeX, a letter); False for
+    words ("twelve"), which only a completion saying the same words matches, and for an empty gold.
+    Shortcut: a syntactic test (no math-verify call), so a gold math-verify fails on later still counts here."""
+    g = _clean(_last_boxed(gold) or gold)
+    return bool(g) and not (_WORDS_RE.fullmatch(g) and len(g) > 1)
+
+
 def _as_latex(s: str) -> str:
     """Wrap a cleaned answer for math-verify's LaTeX extractor; pure words become `\\text{...}`."""
-    if re.fullmatch(r"[A-Za-z][A-Za-z '\-]+", s) and len(s) > 1:
+    if _WORDS_RE.fullmatch(s) and len(s) > 1:
         return f"$\\text{{{s}}}$"
     return "$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"  # a bare % would start a LaTeX comment
 

@@ -5,8 +5,8 @@
 
 Names, types and sections come from the live `Recipe` dataclasses, defaults from `recipe_to_toml(Recipe())` (the
 TOML a run writes), a section's intro from its class docstring, a field's description from the comment written
-beside it in recipe.py (or the comment lines right above it), and the allowed values from `recipe.CHOICES` where
-that comment does not already list them.
+beside it in recipe.py (or the comment lines right above it), the allowed values from `recipe.CHOICES` where
+that comment does not already list them, and a numeric field's range from its `ranged(...)` declaration.
 Shortcut: comments are matched to fields by line number with `tokenize`; a field without one gets an empty
 description, and a comment is shown as written (no markup is added beyond escaping `|` for the table).
 """
@@ -39,7 +39,9 @@ INTRO = f"""# Recipe reference
 A recipe is one TOML file: top-level keys, then one `[section]` table per stage. Every key has a default (the
 paper's value where the paper sets one), so a recipe only names what it changes; `rmx-local run RECIPE key=value`
 overrides any key for one run (values are TOML; bare words are strings). Unknown keys and wrong types are refused
-with the closest valid key named. `rmx-local run RECIPE --dry-run` prints the resolved recipe.
+with the closest valid key named, and a number outside its field's range (the `range` column; floats must also be
+finite) with the field, the value and a valid example; the CLI options that set a field (`rmx-local eval
+--top-p`, ...) take the same range. `rmx-local run RECIPE --dry-run` prints the resolved recipe.
 The bundled recipes are in `recipes/` (`rmx-local recipes list`).
 """
 
@@ -109,14 +111,16 @@ def render() -> str:
         doc = inspect.getdoc(cls) if name else ""
         if doc and not doc.startswith(f"{cls.__name__}("):  # dataclasses invent a signature docstring
             parts.append(doc + "\n")
-        parts.append("| key | type | default | description |\n|---|---|---|---|")
+        parts.append("| key | type | default | range | description |\n|---|---|---|---|---|")
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 continue
             key = f"{name}.{f.name}" if name else f.name
             text = describe(key, comments.get((cls.__name__, f.name), ""))
-            parts.append(f"| `{key}` | {type_name(hints[f.name])} | `{defaults[key]}` | {text} |")
+            rng = f.metadata.get("range")
+            span = rng.rule().split(" (")[0] if rng else ""
+            parts.append(f"| `{key}` | {type_name(hints[f.name])} | `{defaults[key]}` | {span} | {text} |")
     return "\n".join(parts) + "\n"
 
 

@@ -31,6 +31,7 @@ from click.testing import CliRunner
 
 from conftest import save_digit_model, serve_http, tiny_recipe
 from rmx_local.cli import main
+from rmx_local.recipe import numeric_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 SUB, INPROC = "sub", "inproc"
@@ -167,25 +168,84 @@ def bad_model(make: Callable[[Path], Path], *extra: str, names: str = "", absent
     return setup
 
 
+def model_eval(make: Callable[[Path], Path], verb: str = "eval"):
+    def setup(w, tmp, mp, cleanup):
+        model = make(tmp)
+        if verb == "analyze":
+            return Row(["analyze", str(model), str(model), "--data", "arith:single", "--limit", "2"], model.name)
+        return Row(["eval", str(model), "--data", "arith:single", "--limit", "2", "--plain"], model.name)
+    return setup
+
+
 def not_gguf(tmp: Path) -> Path:
     (tmp / "model.gguf").write_text("this is a text file, not a model\n")
     return tmp / "model.gguf"
 
 
-def truncated_gguf(tmp: Path) -> Path:
+def small_gguf(path: Path, arch: str = "llama") -> Path:
     import gguf
     import numpy as np
 
-    path = tmp / "cut.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((64, 256), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def truncated_gguf(tmp: Path) -> Path:
+    path = small_gguf(tmp / "cut.gguf")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return path
+
+
+def unknown_arch_gguf(tmp: Path) -> Path:
+    return small_gguf(tmp / "rwkv.gguf", "rwkv7")
+
+
+def config_only(tmp: Path) -> Path:
+    (tmp / "config-only").mkdir()
+    shutil.copy(save_digit_model(tmp / "full") / "config.json", tmp / "config-only")
+    return tmp / "config-only"
+
+
+def no_tokenizer(tmp: Path) -> Path:
+    folder = save_digit_model(tmp / "no-tokenizer")
+    for p in folder.iterdir():
+        if p.name.startswith("tokenizer") or p.suffix == ".jinja":
+            p.unlink()
+    return folder
+
+
+def something_else(tmp: Path) -> Path:
+    """A folder of another library's model: a config.json without model_type, weights beside it."""
+    (tmp / "unet").mkdir()
+    (tmp / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 64}))
+    (tmp / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"{}")
+    return tmp / "unet"
+
+
+def missing_shard(tmp: Path) -> Path:
+    folder = save_digit_model(tmp / "sharded")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    return folder
+
+
+# every kind of unusable model source: (make, what the error says); run and eval both refuse each before any stage
+MODEL_KINDS = {
+    "config only": (config_only, "has no weights"),
+    "no tokenizer": (no_tokenizer, "has no tokenizer"),
+    "a folder of something else": (something_else, "names no model_type"),
+    "a shard missing": (missing_shard, "misses 1 of the 2 weight shards"),
+    "truncated GGUF": (truncated_gguf, "is cut short"),
+    "GGUF of an unknown architecture": (unknown_arch_gguf, "architecture 'rwkv7' is not one transformers can read"),
+    "text file named .gguf": (not_gguf, "is not a GGUF file"),
+}
 
 
 def no_chat_template(tmp: Path) -> Path:
@@ -378,10 +438,15 @@ CASES = [
     ("data: a 10 MB line", INPROC,
      bad_data(lambda: lines({"question": "x" * 10_000_000, "answer": "1"})), "row 8: the question is 10.0 MB long"),
     ("data: duplicate questions", INPROC, bad_data(lines(QUESTIONS[3])), "the same question"),
+    ("data: no gold the verifier can grade (words)", INPROC,
+     bad_data(b"".join(json.dumps({"question": q["question"], "answer": w}).encode() + b"\n"
+                       for q, w in zip(QUESTIONS, ["one", "two"] * 4))), "8 of 8 gold answers are words"),
     # model
     ("model: missing path", INPROC, bad_model(lambda tmp: tmp / "no-such-model"), "is not an embedded model, a folder"),
-    ("model: not a GGUF file named .gguf", INPROC, bad_model(not_gguf), "is not a GGUF file"),
-    ("model: truncated GGUF", INPROC, bad_model(truncated_gguf), "cannot read"),
+    *[(f"model: {kind}", INPROC, bad_model(make), needle) for kind, (make, needle) in MODEL_KINDS.items()],
+    *[(f"model: {kind} (eval)", INPROC, model_eval(make), needle) for kind, (make, needle) in MODEL_KINDS.items()],
+    ("model: config only (analyze)", INPROC, model_eval(config_only, "analyze"), "has no weights"),
+    ("model: config only (run --dry-run)", INPROC, bad_model(config_only, "--dry-run"), "has no weights"),
     ("model: chat template missing", INPROC, bad_model(no_chat_template, "task.template=chat", names="task.template"),
      "this tokenizer has no chat template"),
     ("model: architecture the GGUF exporter lacks", INPROC,
@@ -454,3 +519,34 @@ def test_odd_but_valid_data_loads_like_the_plain_file(variant, world, tmp_path):
     assert code == 0, err[-2000:]
     plain = json.loads((world.template / "problems.json").read_text())
     assert json.loads((tmp_path / "run" / "problems.json").read_text()) == plain
+
+
+@pytest.mark.parametrize("key,typ,rng", numeric_fields(), ids=[k for k, _, _ in numeric_fields()])
+def test_every_numeric_field_beyond_its_range_is_one_cli_line(key, typ, rng, tmp_path):
+    """Through `rmx-local run`, before any work: each field's first out-of-range value (the schema is iterated, so
+    a new field is tried too)."""
+    value = rng.beyond(typ)[0]
+    code, out, err = invoke(["run", "quickstart", f"run_dir={tmp_path / 'run'}", f"{key}={value!r}", "--plain"], INPROC)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"{key} must be " in errors[0] and f"got {value!r}" in errors[0] and "(fix: write e.g." in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,value,field", [("--top-p", "1.5", "eval.top_p"), ("--limit", "0", "task.eval_size"),
+                                              ("--temperature", "-1", "eval.temperature"), ("--max-tokens", "0", "eval.max_tokens")])
+def test_cli_flags_that_set_a_field_take_its_range(flag, value, field):
+    code, out, err = invoke(["eval", "base", "--data", "arith:single", flag, value], INPROC)
+    assert code == 2 and err.strip().startswith(f"error: {flag} ") and f"(the range of {field})" in err, err
+    code, out, err = invoke(["export", ".", "--outtype", "q4"], INPROC)
+    assert code == 2 and "'q4' is not one of ['bf16', 'f16', 'f32', 'q8_0']" in err, err
+
+
+def test_some_golds_in_words_warn_naming_them(tmp_path):
+    from rmx_local.data import load_problems
+
+    rows = [{"id": f"p{i}", "question": f"Question {i}?", "answer": "twelve" if i in (2, 5) else str(i)} for i in range(6)]
+    lines_seen: list[str] = []
+    problems = load_problems(str(write_jsonl(tmp_path / "d.jsonl", rows)), warn=lines_seen.append)
+    assert len(problems) == 6 and len(lines_seen) == 1, lines_seen
+    assert "2 of 6 gold answers are words" in lines_seen[0] and "p2='twelve', p5='twelve'" in lines_seen[0]

@@ -58,11 +58,11 @@ def test_gold_answer_normalisation() -> None:
 
 def test_field_overrides_and_templates(tmp_path: Path) -> None:
     path = _jsonl(tmp_path, "custom.jsonl", [{"ctx": "A box holds 4 pens.", "ask": "How many in 2 boxes?", "sol": "8",
-                                              "answer": "wrong"}])
+                                              "answer": "7"}])
     [p] = load_problems(path, question_field="{ctx} {ask}", answer_field="sol")
     assert (p.question, p.answer) == ("A box holds 4 pens. How many in 2 boxes?", "8")
     [p] = load_problems(path, question_field="ask")
-    assert (p.question, p.answer) == ("How many in 2 boxes?", "wrong")
+    assert (p.question, p.answer) == ("How many in 2 boxes?", "7")
 
 
 def test_csv_parquet_json_and_save_to_disk(tmp_path: Path) -> None:

@@ -1,12 +1,13 @@
 """Recipe validation errors and crash-safe files."""
 
 import json
+import math
 
 import pytest
 
 from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
-from rmx_local.recipe import load_recipe, recipe_to_toml
+from rmx_local.recipe import Range, field_info, load_recipe, numeric_fields, recipe_to_toml
 
 
 def write(tmp_path, text):
@@ -62,3 +63,38 @@ def test_corrupt_json_names_the_file(tmp_path):
     with pytest.raises(RmxError, match="bad.jsonl:2"):
         Journal(tmp_path / "bad.jsonl").read()
     assert json.loads((tmp_path / "bad.jsonl").read_text().splitlines()[0]) == {"a": 1}
+
+
+def test_every_numeric_field_has_a_range_its_default_is_in():
+    """A new int/float field without `ranged(...)` fails here, so no number skips the range check."""
+    fields = numeric_fields()
+    assert len(fields) >= 39 and all(r is not None for _, _, r in fields), [k for k, _, r in fields if r is None]
+    for key, typ, rng in fields:
+        assert field_info(key)[1] in rng, key
+        assert rng.beyond(typ), f"{key}: no value lies outside {rng.rule()}"
+
+
+@pytest.mark.parametrize("key,typ,rng", numeric_fields(), ids=[k for k, _, _ in numeric_fields()])
+def test_a_value_beyond_each_bound_is_refused_with_field_value_and_example(tmp_path, key, typ, rng):
+    """In a recipe file and as an override: one line naming the field, the value and the default as an example;
+    the closed bounds themselves are accepted."""
+    default = field_info(key)[1]
+    *section, name = key.split(".")
+    for value in rng.beyond(typ):
+        toml = (f"[{section[0]}]\n" if section else "") + f"{name} = {value!r}\n"  # repr: inf, -inf, nan, -5e-324
+        for source in (lambda: load_recipe(write(tmp_path, toml)), lambda: load_recipe(None, [f"{key}={value!r}"])):
+            with pytest.raises(RmxError) as e:
+                source()
+            line = e.value.line()
+            assert f"{key} must be " in line and f"got {value!r}" in line and f"write e.g. {key} = {default!r}" in line, line
+    closed = [b for b, is_open in ((rng.lo, rng.lo_open), (rng.hi, rng.hi_open)) if math.isfinite(b) and not is_open]
+    for bound in closed:
+        recipe = load_recipe(None, [f"{key}={typ(bound)!r}"])
+        assert getattr(getattr(recipe, section[0]) if section else recipe, name) == bound
+
+
+def test_range_rules_and_bounds():
+    r = Range.parse("(0, 1]")
+    assert (0.0 in r, 1e-9 in r, 1.0 in r, 1.0000001 in r, float("nan") in r) == (False, True, True, False, False)
+    assert r.rule() == "in (0, 1]" and Range.parse("[2, inf)", "why").rule() == ">= 2 (why)"
+    assert Range.parse("[0, 1)").beyond(float)[:2] == [-5e-324, 1.0] and Range.parse("[1, inf)").beyond(int) == [0]

@@ -124,3 +124,11 @@ def test_hard_timeout_kills_a_slow_call_and_recovers(monkeypatch: pytest.MonkeyP
 def test_worker_errors_score_incorrect() -> None:
     assert V._WORKER.call(int, ("not a number",), timeout_s=30)[0] == "error"
     assert V._WORKER.call(max, (2, 7), timeout_s=30) == ("ok", 7)
+
+
+def test_gold_parses_tells_math_from_words():
+    from rmx_local.verify import gold_parses
+
+    table = {"12": True, "-4": True, "3.5": True, "\\frac{1}{2}": True, "x": True, "(C)": True, "\\boxed{7}": True,
+             "12 apples": True, "twelve": False, "Paris": False, "\\text{odd}": False, "": False}
+    assert {g: gold_parses(g) for g in table} == table

@@ -23,6 +23,7 @@ from rmx_local.export.mlx_adapter import write_mlx_adapter
 from rmx_local.export.ollama import write_ollama
 from rmx_local.io import atomic_dir, atomic_write_text, read_json
 from rmx_local.lock import run_lock
+from rmx_local.model_check import check_model_source
 from rmx_local.recipe import EXPORT_FORMATS
 
 FORMATS = EXPORT_FORMATS
@@ -143,6 +144,7 @@ def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str
 
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     spec = run_base_spec(run_dir, adapter)
+    check_model_source(spec, weights=False)  # export reads the base's config.json and its GGUF, not its weights
     adapter.base_model = adapter.base_model or spec
     base_gguf = resolve_model(spec).gguf_path if "ollama" in chosen else None
     cannot = unexportable(chosen, adapter.architecture or _base_type(spec), base_gguf)

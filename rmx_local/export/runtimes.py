@@ -109,11 +109,13 @@ def _mlx_streamer(name: str, hf_path: str, adapter: Path | None) -> Streamer:
 def load_streamers(target: str | Path, runtime: str = "llama_cpp", compare: bool = False, base: str | None = None,
                  n_ctx: int = 4096) -> list[Streamer]:
     """[adapted] or, with compare, [base, adapted]."""
+    from rmx_local.model_check import check_model_source
     from rmx_local.models import resolve_model
 
     if runtime in CHAT_RUNTIMES:
         _need(*{"llama_cpp": ("llama_cpp", "llama"), "mlx": ("mlx_lm", "mlx")}[runtime])
     found = resolve_chat_target(target, runtime, base)
+    check_model_source(found.base_spec, weights=runtime != "llama_cpp")  # llama.cpp reads only the GGUF
     source = resolve_model(found.base_spec)
     if runtime == "llama_cpp":
         if not source.gguf_path:

@@ -40,9 +40,9 @@ def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
             "eval": arith_problems(t.difficulty, t.eval_size, ctx.recipe.seed, offset=space - t.eval_size),
         }
     else:
-        pool = load_problems(t.path)
+        pool = load_problems(t.path, warn=ctx.ui.line)
         random.Random(ctx.recipe.seed).shuffle(pool)
-        held = load_problems(t.eval_path) if t.eval_path else []
+        held = load_problems(t.eval_path, warn=ctx.ui.line) if t.eval_path else []
         if not held:
             held, pool = pool[: t.eval_size], pool[t.eval_size :]
         splits = {"eval": held[: t.eval_size], "val": pool[: t.val_size],

@@ -15,7 +15,7 @@ from rmx_local.errors import RmxError
 from rmx_local.io import atomic_write_json, read_json
 from rmx_local.stages import RunContext
 from rmx_local.tasks import Problem
-from rmx_local.verify import verify_many
+from rmx_local.verify import gold_parses, verify_many
 
 
 def advantages(rewards: list[float], clip: float) -> list[float]:
@@ -56,9 +56,13 @@ def run_select(ctx: RunContext, problems: list[Problem], rollouts: list[dict]) -
         "mixed": sum(0 < m < 1 for m in rates.values()), "selected_problems": len(chosen),
     }
     if not chosen:
+        words = [rec["id"] for rec in rollouts if not gold_parses(gold[rec["id"]])]
+        why = f"; {len(words)} of them have golds in words the verifier cannot grade (first: {words[0]})" if words else ""
         raise RmxError(
-            f"select: no mixed problems among {len(rollouts)} (all right: {stats['all_right']}, all wrong: {stats['all_wrong']})",
-            fix="raise rollout.n or task.train_size, or pick a task.difficulty the model gets partly right",
+            f"select: no mixed problems among {len(rollouts)} (all right: {stats['all_right']}, all wrong: "
+            f"{stats['all_wrong']}{why})",
+            fix="raise rollout.n or task.train_size, or pick a task.difficulty the model gets partly right"
+                + ("; make those golds final answers (numbers, math)" if words else ""),
         )
     by_id = {rec["id"]: rec for rec in rollouts}
     seqs = []
