@@ -65,6 +65,10 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
         from rmx_local.plan import print_plan
 
         print_plan(r, ui)
+        if r.sweep.enabled:
+            from rmx_local.sweep import print_sweep_plan
+
+            print_sweep_plan(r, ui)
         return
     print_rows(ui, f"rmx-local run {recipe} (recipe {r.hash()})", header_rows(r))
     from rmx_local.pipeline import run_pipeline
@@ -139,11 +143,12 @@ def recipes_copy(name: str, dest: str) -> None:
 @click.option("--format", "formats", default="all", show_default=True, help="gguf, mlx, peft, ollama or all (comma-separated).")
 @click.option("--outtype", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Destination folder (default RUN_DIR/export).")
-def export(run_dir: str, formats: str, outtype: str, out_dir: str | None) -> None:
+@click.option("--variant", default=None, help="A sweep variant's adapter, by name (default: the run's chosen adapter).")
+def export(run_dir: str, formats: str, outtype: str, out_dir: str | None, variant: str | None) -> None:
     """Export RUN_DIR's adapter as GGUF (llama.cpp, Ollama), MLX (mlx-lm) and/or PEFT."""
     from rmx_local.export import export_run
 
-    for fmt, path in export_run(run_dir, formats, outtype, out_dir).items():
+    for fmt, path in export_run(run_dir, formats, outtype, out_dir, variant).items():
         click.echo(f"{fmt:<7} {path}")
 
 

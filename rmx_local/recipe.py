@@ -124,6 +124,30 @@ class ExportConfig:
     outtype: str = "f16"
 
 
+# The default [sweep] list, simplest first (a tie within 1 SE on validation goes to the earlier entry): the paper's
+# loss at its tau grid, the fraction gate, every token of the positive rollouts for 1 and 2 epochs, plain RFT.
+_PAPER_LOSS = "gate.positives=gate train.objective=reasonmaxxer train.positive_only=false train.epochs=1"
+DEFAULT_VARIANTS = [
+    *(f"paper-tau{t}: gate.mode=tau gate.tau={t} {_PAPER_LOSS}" for t in ("1.2", "1.4", "1.6", "1.8")),
+    f"fraction-0.2: gate.mode=fraction gate.fraction=0.2 {_PAPER_LOSS}",
+    "positive-1ep: gate.mode=fraction gate.fraction=1.0 gate.positives=gate train.objective=reasonmaxxer "
+    "train.positive_only=true train.epochs=1",
+    "positive-2ep: gate.mode=fraction gate.fraction=1.0 gate.positives=gate train.objective=reasonmaxxer "
+    "train.positive_only=true train.epochs=2",
+    "rft: train.objective=rft train.positive_only=false train.epochs=1",
+]
+
+
+@dataclass
+class SweepConfig:
+    """Train several gate/train variants on the run's one set of rollouts; keep the best on validation (sweep.py)."""
+
+    enabled: bool = False  # true: `run` trains every variant and keeps the best on the task.val_size problems
+    # "NAME: key=value ..." per variant, overrides of gate.* / train.* fields; ties within 1 SE go to the earlier one
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    max_minutes: float = 0.0  # estimated time budget of the whole sweep (0 = no limit); variants that do not fit are dropped
+
+
 @dataclass
 class Recipe:
     model: str = "embedded:smollm2-135m-instruct"  # embedded:NAME | a transformers folder | a .gguf file | a hub id
@@ -143,6 +167,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,14 +264,19 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         except tomllib.TOMLDecodeError as e:
             raise RmxError(f"{path}: malformed TOML: {e}", fix="compare with `rmx-local recipes show quickstart`") from None
         _fill(recipe, data, str(path))
+    apply_overrides(recipe, overrides)
+    _check_ranges(recipe, str(path) if path is not None else "recipe")
+    return recipe
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str], where: str = "") -> None:
+    """Set each `key=value` on `recipe` in place; errors name `where` (default: the override itself)."""
     for text in overrides:
         keys, value = parse_override(text)
         nested: dict[str, Any] = {keys[-1]: value}
         for k in reversed(keys[:-1]):
             nested = {k: nested}
-        _fill(recipe, nested, f"override `{text}`")
-    _check_ranges(recipe, str(path) if path is not None else "recipe")
-    return recipe
+        _fill(recipe, nested, where or f"override `{text}`")
 
 
 def _check_ranges(r: Recipe, where: str) -> None:
@@ -268,6 +298,7 @@ def _check_ranges(r: Recipe, where: str) -> None:
         (r.eval.batch_size >= 0, "eval.batch_size", r.eval.batch_size, "must be >= 0 (0 = rollout.batch_size)", "0"),
         (formats_ok, "export.formats", r.export.formats, f"must be among {', '.join(EXPORT_FORMATS)}, all", '["gguf", "peft"]'),
         (r.rounds >= 1, "rounds", r.rounds, "must be >= 1", "1"),
+        (r.sweep.max_minutes >= 0, "sweep.max_minutes", r.sweep.max_minutes, "must be >= 0 (0 = no limit)", "30"),
         (r.rounds == 1 or r.rollout.engine == "backend", "rounds", r.rounds, "> 1 needs rollout.engine = \"backend\" "
          "(the other engines sample the base, not the adapted model)", "1"),
     ]

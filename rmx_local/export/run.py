@@ -64,6 +64,18 @@ def load_run_adapter(run_dir: str | Path) -> LoraAdapter:
     return load_peft(run_dir / "adapter")
 
 
+def variant_adapter(run_dir: str | Path, name: str) -> LoraAdapter:
+    """A sweep variant's adapter, by name (RUN_DIR/sweep.json names each variant's folder)."""
+    path = Path(run_dir) / "sweep.json"
+    if not path.is_file():
+        raise RmxError(f"{run_dir}: no sweep.json, so no variants to export",
+                       fix="export without --variant, or run a recipe with sweep.enabled = true")
+    rows = {r["name"]: r for r in read_json(path)["variants"]}
+    if name not in rows:
+        raise RmxError(f"{path}: no variant {name!r}", fix=f"choose one of {', '.join(rows)}")
+    return load_peft(Path(run_dir) / rows[name]["folder"] / "adapter")
+
+
 def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
     """Fill in architecture / model_config from the base's config.json when the adapter lacks them."""
     needed = ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers")
@@ -105,22 +117,26 @@ def check_same_base(adapter: LoraAdapter, spec: str) -> None:
 
 
 def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f16",
-               out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Export a run's adapter; return {format: folder written}. formats may include "all"."""
+               out_dir: str | Path | None = None, variant: str | None = None) -> dict[str, Path]:
+    """Export a run's adapter (or, with `variant`, that sweep variant's, to RUN_DIR/export/variant-NAME by default);
+    return {format: folder written}. formats may include "all"."""
     run_dir = Path(run_dir)
     chosen = parse_formats(formats)
     if outtype not in OUTTYPES:
         raise RmxError(f"export: unknown --outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
-    adapter = load_run_adapter(run_dir)
+    adapter = load_run_adapter(run_dir) if variant is None else variant_adapter(run_dir, variant)
+    if variant is not None and out_dir is None:
+        out_dir = run_dir / "export" / f"variant-{variant}"
     # a run still writing this folder's adapter must finish first; a read-only finished run exports with --out
     read_only = out_dir is not None and not os.access(run_dir, os.W_OK)
     with contextlib.nullcontext() if read_only else run_lock(run_dir):
-        return _export(run_dir, adapter, chosen, outtype, out_dir)
+        return _export(run_dir, adapter, chosen, outtype, out_dir, variant is None)
 
 
 def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str,
-            out_dir: str | Path | None) -> dict[str, Path]:
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+            out_dir: str | Path | None, run_adapter: bool = True) -> dict[str, Path]:
+    has_summary = run_adapter and (run_dir / "summary.json").is_file()  # summary.json describes the run's adapter only
+    summary = read_json(run_dir / "summary.json") if has_summary else {}
     spec = run_base_spec(run_dir, adapter)
     adapter.base_model = adapter.base_model or spec
     if any(f != "peft" for f in chosen):
