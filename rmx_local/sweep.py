@@ -205,7 +205,7 @@ def choose(rows: list[dict]) -> tuple[int, str]:
     for i, row in enumerate(rows[:best]):
         gap = rows[best]["val"][0] - row["val"][0]
         se = mean_se((top - np.asarray(row["val_scores"])).tolist())[1]
-        if gap <= se:
+        if gap <= se + 1e-9:  # inclusive: a gap of exactly one SE (one problem of n apart) is a tie
             return i, (f"within 1 SE of the best, {rows[best]['name']} ({rows[best]['val'][0]:.3f}; gap {gap:.3f} <= "
                        f"SE {se:.3f}), and earlier in the list")
     return best, "the best validation accuracy" + (" (ties go to the earlier variant)" if best else "")

@@ -84,6 +84,10 @@ def test_a_tie_within_one_se_goes_to_the_earlier_variant():
     c = {"name": "c", "val": (1.0, 0.0), "val_scores": [1] * 20}  # better on 10 of 20: 0.5 > SE 0.11
     assert choose([a, c]) == (1, "the best validation accuracy (ties go to the earlier variant)")
     assert choose([a, dict(a, name="a2")])[0] == 0  # an exact tie
+    # one problem of 50 apart: gap 0.02 == the paired SE 0.02 (in floats 0.84 - 0.82 > 0.02): still a tie
+    d = {"name": "d", "val": (0.82, 0.05), "val_scores": [1] * 41 + [0] * 9}
+    e = {"name": "e", "val": (0.84, 0.05), "val_scores": [1] * 42 + [0] * 8}
+    assert choose([d, e])[0] == 0
 
 
 def test_resume_mid_sweep_equals_an_uninterrupted_sweep(model_dir, clean, tmp_path, monkeypatch):
