@@ -138,7 +138,8 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     trained = {s: v for s, v in val.items() if s > 0}
     best = max(trained, key=lambda s: (trained[s], -s)) if trained else n_steps
     report = {"key": key, "steps": n_steps, "examples": len(examples), "best_step": best, "val": val,
-              "val_scores": {s: val_scores[s] for s in (0, best) if s in val_scores}, "history": Journal(folder / "log.jsonl").read()}
+              "val_scores": {s: val_scores[s] for s in (0, best) if s in val_scores},
+              "history": Journal(folder / "log.jsonl").read()}
     backend.set_adapter(load_peft(folder / f"step-{best}" / "adapter"))
     atomic_write_json(final, report)
     _keep_only(folder, best)
