@@ -90,7 +90,7 @@ def main() -> None:
     print(f"\n{a.recipe} {' '.join(a.overrides)}: greedy held-out accuracy ({results[0]['eval_problems']} problems), "
           f"chosen on {results[0]['val_problems']} validation problems\n")
     print("| seed | base | " + " | ".join(names) + " | chosen | oracle | regret | sweep s | single run s |")
-    print("|---" * (len(names) + 8) + "|")
+    print("|---" * (len(names) + 7) + "|")
     for s in results:
         cells = [f"**{s['held_out'][n]:.3f}**" if n == s["chosen"] else f"{s['held_out'][n]:.3f}" for n in names]
         print(f"| {s['seed']} | {s['base']:.3f} | " + " | ".join(cells) + f" | {s['chosen']} {s['chosen_held_out']:.3f} | "
