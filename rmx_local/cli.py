@@ -68,6 +68,10 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
         from rmx_local.plan import print_plan
 
         print_plan(r, ui)
+        if r.sweep.enabled:
+            from rmx_local.sweep import print_sweep_plan
+
+            print_sweep_plan(r, ui)
         return
     print_rows(ui, f"rmx-local run {recipe} (recipe {r.hash()})", header_rows(r))
     from rmx_local.pipeline import run_pipeline
@@ -143,13 +147,14 @@ def recipes_copy(name: str, dest: str) -> None:
 @click.option("--outtype", default="f16", show_default=True, callback=field("export.outtype"),
               help=f"GGUF tensor type: {', '.join(sorted(CHOICES['export.outtype']))}.")
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Destination folder (default RUN_DIR/export).")
-def export(run_dir: str, formats: str, outtype: str, out_dir: str | None) -> None:
+@click.option("--variant", default=None, help="A sweep variant's adapter, by name (default: the run's chosen adapter).")
+def export(run_dir: str, formats: str, outtype: str, out_dir: str | None, variant: str | None) -> None:
     """Export RUN_DIR's adapter as GGUF (llama.cpp, Ollama), MLX (mlx-lm) and/or PEFT; `all` writes every format
     this base allows and names each one it skips."""
     from rmx_local.export import export_run
 
     skipped: dict = {}
-    for fmt, path in export_run(run_dir, formats, outtype, out_dir, skipped).items():
+    for fmt, path in export_run(run_dir, formats, outtype, out_dir, skipped=skipped, variant=variant).items():
         click.echo(f"{fmt:<7} {path}")
     for fmt, (why, fix) in skipped.items():
         click.echo(f"skipped {fmt}: {why} (fix: {fix})")

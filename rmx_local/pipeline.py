@@ -50,10 +50,15 @@ def versions() -> dict[str, str]:
 
 def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     """The whole method, holding the run folder's lock (a second run on the same folder stops at once); `rounds` > 1
-    repeats it, sampling from the previous round's adapted model (rounds.py)."""
+    repeats it, sampling from the previous round's adapted model (rounds.py); `sweep.enabled` trains several
+    variants on one set of rollouts and keeps the best on validation (sweep.py)."""
     ui = ui or UI()
     with run_lock(recipe.run_dir, ui.line):
         check_model_source(recipe.model)  # before any stage: an unusable model is one line
+        if recipe.sweep.enabled:
+            from rmx_local.sweep import run_sweep
+
+            return run_sweep(recipe, ui)
         if recipe.rounds > 1:
             from rmx_local.rounds import run_rounds
 
@@ -86,22 +91,7 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
             f"{s['mixed']} mixed problems ({s['all_right']} all right, {s['all_wrong']} all wrong); "
             f"kept {s['selected_problems']} problems, {s['sequences']} sequences")
 
-    seqs = selected["sequences"]
-    if recipe.train.objective == "rft":  # baseline: plain CE on every completion token of the correct rollouts
-        seqs = rft_sequences(ctx, splits["train"], rollouts)
-        gates = [np.ones(len(x["completion_ids"]), dtype=bool) for x in seqs]
-        gate_report = {"mode": "rft", "tau": 0.0, "tokens": int(sum(g.size for g in gates)), "gated_fraction": 1.0}
-        ui.line(f"rft: {len(seqs)} correct rollouts of {len({x['id'] for x in seqs})} problems, every completion token trained")
-    else:
-        entropies = run_entropies(ctx, seqs)
-        g = recipe.gate
-        gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed,
-                                          g.select, shared_context(seqs) if g.exclude_shared else None)
-        if g.positives == "all":
-            gates, gate_report = widen_positives(seqs, gates, gate_report)
-        ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
-                f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
-
+    seqs, gates, gate_report = training_data(ctx, splits["train"], rollouts, selected)
     examples = build_examples(seqs, gates, recipe.train.positive_only)
     eval_key = recipe.section_hash("model", "task", "eval", "seed")
     base_eval = None
@@ -150,3 +140,24 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
             summary["exports_skipped"] = {k: why for k, (why, _) in skipped.items()}
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def training_data(ctx: RunContext, train_problems: list, rollouts: list[dict], selected: dict) -> tuple[list, list, dict]:
+    """The sequences to train on, their per-token gates and the gate report, for `ctx.recipe`'s gate/train settings."""
+    recipe = ctx.recipe
+    seqs = selected["sequences"]
+    if recipe.train.objective == "rft":  # baseline: plain CE on every completion token of the correct rollouts
+        seqs = rft_sequences(ctx, train_problems, rollouts)
+        gates = [np.ones(len(x["completion_ids"]), dtype=bool) for x in seqs]
+        gate_report = {"mode": "rft", "tau": 0.0, "tokens": int(sum(g.size for g in gates)), "gated_fraction": 1.0}
+        ctx.ui.line(f"rft: {len(seqs)} correct rollouts of {len({x['id'] for x in seqs})} problems, every completion token trained")
+    else:
+        entropies = run_entropies(ctx, seqs)
+        g = recipe.gate
+        gates, gate_report = compute_gate(entropies, g.mode, g.tau, g.fraction, recipe.train.random_gate, recipe.seed,
+                                          g.select, shared_context(seqs) if g.exclude_shared else None)
+        if g.positives == "all":
+            gates, gate_report = widen_positives(seqs, gates, gate_report)
+        ctx.ui.line(f"gate: tau {gate_report['tau']:.3f} gates {gate_report['gated_fraction']:.1%} of {gate_report['tokens']} "
+                    f"completion tokens (the paper's tau {gate_report['paper_tau']} would gate {gate_report['paper_tau_fraction']:.1%})")
+    return seqs, gates, gate_report

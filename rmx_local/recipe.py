@@ -179,6 +179,31 @@ class ExportConfig:
     outtype: str = "f16"
 
 
+# The default [sweep] list, simplest first (a tie within 1 SE on validation goes to the earlier entry): the paper's
+# loss at its tau grid, the fraction gate, every token of the positive rollouts for 1 and 2 epochs, plain RFT.
+_PAPER_LOSS = "gate.positives=gate train.objective=reasonmaxxer train.positive_only=false train.epochs=1"
+DEFAULT_VARIANTS = [
+    *(f"paper-tau{t}: gate.mode=tau gate.tau={t} {_PAPER_LOSS}" for t in ("1.2", "1.4", "1.6", "1.8")),
+    f"fraction-0.2: gate.mode=fraction gate.fraction=0.2 {_PAPER_LOSS}",
+    "positive-1ep: gate.mode=fraction gate.fraction=1.0 gate.positives=gate train.objective=reasonmaxxer "
+    "train.positive_only=true train.epochs=1",
+    "positive-2ep: gate.mode=fraction gate.fraction=1.0 gate.positives=gate train.objective=reasonmaxxer "
+    "train.positive_only=true train.epochs=2",
+    "rft: train.objective=rft train.positive_only=false train.epochs=1",
+]
+
+
+@dataclass
+class SweepConfig:
+    """Train several gate/train variants on the run's one set of rollouts; keep the best on validation (sweep.py)."""
+
+    enabled: bool = False  # true: `run` trains every variant and keeps the best on the task.val_size problems
+    # "NAME: key=value ..." per variant, overrides of gate.* / train.* fields; ties within 1 SE go to the earlier one
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    # estimated time budget of the whole sweep (0 = no limit); variants that do not fit are dropped
+    max_minutes: float = ranged(0.0, "[0, inf)")
+
+
 @dataclass
 class Recipe:
     model: str = "embedded:smollm2-135m-instruct"  # embedded:NAME | a transformers folder | a .gguf file | a hub id
@@ -200,6 +225,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -349,14 +375,19 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         except tomllib.TOMLDecodeError as e:
             raise RmxError(f"{path}: malformed TOML: {e}", fix="compare with `rmx-local recipes show quickstart`") from None
         _fill(recipe, data, str(path))
+    apply_overrides(recipe, overrides)
+    _check_ranges(recipe, str(path) if path is not None else "recipe")
+    return recipe
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str], where: str = "") -> None:
+    """Set each `key=value` on `recipe` in place; errors name `where` (default: the override itself)."""
     for text in overrides:
         keys, value = parse_override(text)
         nested: dict[str, Any] = {keys[-1]: value}
         for k in reversed(keys[:-1]):
             nested = {k: nested}
-        _fill(recipe, nested, f"override `{text}`")
-    _check_ranges(recipe, str(path) if path is not None else "recipe")
-    return recipe
+        _fill(recipe, nested, where or f"override `{text}`")
 
 
 def _check_ranges(r: Recipe, where: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from rmx_local import report_plots as plots
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+from rmx_local.sweep import table as sweep_table
 
 KINDS = ("first token", "digit", "operator", "word", "other")
 OPERATORS = set("+-*/×x÷=()<>^%")
@@ -271,6 +272,7 @@ def render_page(run_dir, summary, images, seqs, tau, paper_tau, stats, rows, tok
     parts += ["<h2>Accuracy: base vs adapted</h2>",
               '<p class="note">Bars are ±1 standard error over problems. The held-out problems were never trained on.</p>',
               _img("accuracy.png", images["accuracy.png"], "accuracy") if "accuracy.png" in images else "<p>No evaluation in this run.</p>"]
+    parts += _sweep_section(summary)
     parts += _flip_section(run_dir, summary)
     parts += ["<h2>Where the model is uncertain</h2>",
               f'<p class="note">Base-model entropy of every completion token of the {len(seqs)} training rollouts. Tokens right '
@@ -293,6 +295,22 @@ def render_page(run_dir, summary, images, seqs, tau, paper_tau, stats, rows, tok
                  "train/*/log.jsonl and eval/ of the run folder.</p>")
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>rmx-local report: {html.escape(run_dir.name)}</title>'
             f"<style>{PAGE_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _sweep_section(summary: dict) -> list[str]:
+    """A sweep run: every variant's row, the chosen one marked, and why it was chosen (validation only)."""
+    sweep = summary.get("sweep")
+    if not sweep:
+        return []
+    heads, rows = sweep_table(sweep)
+    dropped = f" Dropped by sweep.max_minutes: {', '.join(sweep['dropped'])}." if sweep.get("dropped") else ""
+    return [f"<h2>Sweep: {len(rows)} variants on one set of rollouts</h2>",
+            f'<p class="note">Chosen on {sweep["val_problems"]} validation problems (greedy; ± SE, the last column '
+            f"paired against the base): <b>{html.escape(sweep['chosen'])}</b>, {html.escape(sweep['reason'])}. Only it was "
+            f"scored on the held-out problems; every other variant's adapter is in its own folder "
+            f"(`rmx-local export RUN --variant NAME`).{html.escape(dropped)}</p>",
+            "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in heads) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"]
 
 
 def _flip_section(run_dir: Path, summary: dict) -> list[str]:

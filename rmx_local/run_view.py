@@ -63,9 +63,10 @@ def next_steps(run_dir: str | Path, summary: dict, report: Path | None) -> list[
         rows.append(("report", str(report)))
     for fmt, path in summary.get("exports", {}).items():
         rows.append((f"export {fmt}", path))
-    rows += [("export", f"rmx-local export {run} --format gguf"),
-             ("compare", f"rmx-local chat {run} --compare"),
-             ("inspect", f"rmx-local show {run}")]
+    rows += [("export", f"rmx-local export {run} --format gguf")]
+    if "sweep" in summary:
+        rows.append(("export a variant", f"rmx-local export {run} --variant NAME  (sweep.json names them)"))
+    rows += [("compare", f"rmx-local chat {run} --compare"), ("inspect", f"rmx-local show {run}")]
     if report is None:
         rows.append(("report", f"rmx-local report {run}"))
     return rows

@@ -107,6 +107,18 @@ def load_run_adapter(run_dir: str | Path) -> LoraAdapter:
     return load_peft(run_dir / "adapter")
 
 
+def variant_adapter(run_dir: str | Path, name: str) -> LoraAdapter:
+    """A sweep variant's adapter, by name (RUN_DIR/sweep.json names each variant's folder)."""
+    path = Path(run_dir) / "sweep.json"
+    if not path.is_file():
+        raise RmxError(f"{run_dir}: no sweep.json, so no variants to export",
+                       fix="export without --variant, or run a recipe with sweep.enabled = true")
+    rows = {r["name"]: r for r in read_json(path)["variants"]}
+    if name not in rows:
+        raise RmxError(f"{path}: no variant {name!r}", fix=f"choose one of {', '.join(rows)}")
+    return load_peft(Path(run_dir) / rows[name]["folder"] / "adapter")
+
+
 def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
     """Fill in architecture / model_config from the base's config.json when the adapter lacks them."""
     needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
@@ -122,27 +134,32 @@ def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
 
 
 def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f16",
-               out_dir: str | Path | None = None, skipped: dict | None = None) -> dict[str, Path]:
-    """Export a run's adapter; return {format: folder written}. With "all", every format this base allows is
-    written and each one it does not is put in `skipped` ({format: (why, fix)}); a format named explicitly that
-    cannot be written is refused before anything is written."""
+               out_dir: str | Path | None = None, skipped: dict | None = None,
+               variant: str | None = None) -> dict[str, Path]:
+    """Export a run's adapter (or, with `variant`, that sweep variant's, to RUN_DIR/export/variant-NAME by default);
+    return {format: folder written}. With "all", every format this base allows is written and each one it does not
+    is put in `skipped` ({format: (why, fix)}); a format named explicitly that cannot be written is refused before
+    anything is written."""
     run_dir = Path(run_dir)
     chosen = parse_formats(formats)
     if outtype not in OUTTYPES:
         raise RmxError(f"export: unknown --outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
-    adapter = load_run_adapter(run_dir)
+    adapter = load_run_adapter(run_dir) if variant is None else variant_adapter(run_dir, variant)
+    if variant is not None and out_dir is None:
+        out_dir = run_dir / "export" / f"variant-{variant}"
     # a run still writing this folder's adapter must finish first; a read-only finished run exports with --out
     read_only = out_dir is not None and not os.access(run_dir, os.W_OK)
     with contextlib.nullcontext() if read_only else run_lock(run_dir):
         return _export(run_dir, adapter, chosen, outtype, out_dir, wants_all(formats),
-                       skipped if skipped is not None else {})
+                       skipped if skipped is not None else {}, variant is None)
 
 
 def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str, out_dir: str | Path | None,
-            every: bool, skipped: dict) -> dict[str, Path]:
+            every: bool, skipped: dict, run_adapter: bool = True) -> dict[str, Path]:
     from rmx_local.models import resolve_model
 
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    has_summary = run_adapter and (run_dir / "summary.json").is_file()  # summary.json describes the run's adapter only
+    summary = read_json(run_dir / "summary.json") if has_summary else {}
     spec = run_base_spec(run_dir, adapter)
     check_model_source(spec, weights=False)  # export reads the base's config.json and its GGUF, not its weights
     adapter.base_model = adapter.base_model or spec

@@ -26,6 +26,9 @@ from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import score
 
 
+TRAIN_KEY_SECTIONS = ("model", "task", "rollout", "select", "gate", "train", "seed")  # what train/<key>/ hashes
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then linear decay to 0 at `total`."""
     if warmup > 0 and step < warmup:
@@ -68,7 +71,7 @@ def micro_batches(examples: list[TrainExample], n_micro: int, batch_size: int, s
 
 def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list) -> dict:
     t, r = ctx.recipe.train, ctx.recipe
-    key = r.section_hash("model", "task", "rollout", "select", "gate", "train", "seed")
+    key = r.section_hash(*TRAIN_KEY_SECTIONS)
     folder = ctx.path("train", key)
     final = folder / "final.json"
     if final.exists():
@@ -90,6 +93,7 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     log = Journal(folder / "log.jsonl")
     val_params = SampleParams(1, 0.0, 1.0, r.eval.max_tokens, r.seed)
     val: dict[int, float] = {}
+    val_scores: dict[int, list[float]] = {}  # per-problem scores behind `val`: the sweep's paired comparisons
     kl_coef = 0.0 if t.objective == "rft" else t.kl_coef  # rft: advantage 1 on every token, no anchor = plain CE
 
     start = 0
@@ -100,13 +104,16 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
         _check_checkpoint(ckpt)
         backend.set_adapter(load_peft(ckpt / "adapter"))
         backend.load_optimizer(str(ckpt / "optimizer.pt"))
-        val = {int(k): v for k, v in read_json(ckpt / "state.json")["val"].items()}
+        state = read_json(ckpt / "state.json")
+        val = {int(k): v for k, v in state["val"].items()}
+        val_scores = {int(k): v for k, v in state.get("val_scores", {}).items()}
         ctx.ui.line(f"train: resuming from step {start}/{n_steps}")
     # steps after the checkpoint were logged by a killed run and are redone now: log each step once
     log.rewrite([m for m in log.read() if m["step"] <= start])
     if val_problems and 0 not in val:
         backend.set_adapter_enabled(False)
-        val[0] = float(np.mean(score(ctx, val_problems, val_params, "val base")["per_problem"]))
+        val_scores[0] = score(ctx, val_problems, val_params, "val base")["per_problem"]
+        val[0] = float(np.mean(val_scores[0]))
         backend.set_adapter_enabled(True)
 
     with ctx.timed("train"), ctx.ui.stage("train", n_steps, "steps") as bar:
@@ -125,14 +132,16 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
             bar.advance(1, sum(len(e.tokens) for mb in group for e in mb))
             if step + 1 in ckpt_steps:
                 if val_problems:
-                    val[step + 1] = float(np.mean(score(ctx, val_problems, val_params, f"val step {step + 1}")["per_problem"]))
+                    val_scores[step + 1] = score(ctx, val_problems, val_params, f"val step {step + 1}")["per_problem"]
+                    val[step + 1] = float(np.mean(val_scores[step + 1]))
                     ctx.ui.line(f"train: step {step + 1} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} val {val[step + 1]:.3f} (base {val[0]:.3f})")
-                _save_checkpoint(ctx, folder / f"step-{step + 1}", val)
+                _save_checkpoint(ctx, folder / f"step-{step + 1}", val, val_scores)
         ctx.rates["train tok/s"] = bar.tokens_per_s
 
     trained = {s: v for s, v in val.items() if s > 0}
     best = max(trained, key=lambda s: (trained[s], -s)) if trained else n_steps
     report = {"key": key, "steps": n_steps, "examples": len(examples), "best_step": best, "val": val,
+              "val_scores": {s: val_scores[s] for s in (0, best) if s in val_scores},
               "history": Journal(folder / "log.jsonl").read()}
     backend.set_adapter(load_peft(folder / f"step-{best}" / "adapter"))
     atomic_write_json(final, report)
@@ -157,7 +166,8 @@ def _check_checkpoint(path) -> None:
                        fix=f"delete {path} to resume from the checkpoint before it (or from the start)")
 
 
-def _save_checkpoint(ctx: RunContext, path, val: dict[int, float]) -> None:
+def _save_checkpoint(ctx: RunContext, path, val: dict[int, float], val_scores: dict[int, list[float]]) -> None:
     save_peft(ctx.backend.get_adapter(), path / "adapter")
     ctx.backend.save_optimizer(str(path / "optimizer.pt"))
-    atomic_write_json(path / "state.json", {"val": {str(k): v for k, v in val.items()}})
+    atomic_write_json(path / "state.json", {"val": {str(k): v for k, v in val.items()},
+                                            "val_scores": {str(k): v for k, v in val_scores.items()}})
