@@ -257,18 +257,19 @@ def no_chat_template(tmp: Path) -> Path:
     return folder
 
 
-def mistral(tmp: Path) -> Path:
+def stablelm(tmp: Path) -> Path:
+    """An architecture transformers trains but rmx_local/archs.py has no GGUF / MLX record for."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import StableLmConfig, StableLmForCausalLM
 
     from conftest import digit_tokenizer
 
     torch.manual_seed(0)
     tok = digit_tokenizer()
-    MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp / "mistral")
-    tok.save_pretrained(tmp / "mistral")
-    return tmp / "mistral"
+    StableLmForCausalLM(StableLmConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp / "stablelm")
+    tok.save_pretrained(tmp / "stablelm")
+    return tmp / "stablelm"
 
 
 def custom_code(tmp: Path) -> Path:
@@ -450,7 +451,8 @@ CASES = [
     ("model: chat template missing", INPROC, bad_model(no_chat_template, "task.template=chat", names="task.template"),
      "this tokenizer has no chat template"),
     ("model: architecture the GGUF exporter lacks", INPROC,
-     bad_model(mistral, 'export.formats=["gguf"]', names="export.formats"), "do not support model_type 'mistral'"),
+     bad_model(stablelm, 'export.formats=["gguf"]', names="export.formats"),
+     "cannot write gguf: model_type 'stablelm' is not in rmx_local/archs.py"),
     ("safety: model with its own code, trust_remote_code off", INPROC, bad_model(custom_code, absent="PWNED"),
      "trust_remote_code = true"),
     # run folder
@@ -471,9 +473,9 @@ CASES = [
     ("export: unknown format", INPROC, finished_then(lambda w, r: None, names="zip", args=export_args("--format", "zip")),
      "unknown format zip"),
     ("export: adapter for another base", INPROC,
-     finished_then(other_base, names="wider-model", args=export_args("--format", "gguf")), "trained on another base"),
+     finished_then(other_base, names="wider-model", args=export_args("--format", "gguf")), "adapter made for another base"),
     ("export: architecture GGUF cannot express", INPROC,
-     finished_then(foreign_architecture, names="mistral", args=export_args("--format", "gguf")), "unsupported model architecture"),
+     finished_then(foreign_architecture, names="mistral", args=export_args("--format", "gguf")), "adapter made for a mistral model"),
     ("export: run folder in use", INPROC, held_by_another(lambda w, tmp: ["export", str(tmp / "run"), "--format", "peft"]),
      "in use by another rmx-local run"),
 ]
