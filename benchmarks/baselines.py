@@ -291,7 +291,8 @@ def run_grpo(args, seed: int, lr: float, results: dict) -> dict:
 
 
 def run_fewshot(args, seed: int, lr: float | None, results: dict) -> dict:
-    """The base zero-shot (the other methods' base) and with `args.shots` training problems as worked examples."""
+    """The base zero-shot (the other methods' base: the seed's rmx run's when it ran first) and with `args.shots`
+    training problems as worked examples."""
     clock = Clock()
     from rmx_local.backends import SampleParams
     from rmx_local.stages import RunContext
@@ -308,7 +309,8 @@ def run_fewshot(args, seed: int, lr: float | None, results: dict) -> dict:
     wall, cpu = clock.now()
     greedy = SampleParams(1, 0.0, 1.0, r.eval.max_tokens, seed)
     shots = tuple(splits["train"][: args.shots])
-    base = score(ctx, splits["eval"], greedy, "base")["per_problem"]
+    rmx = results.get(("rmx", seed, None))  # its base answers, when it ran first: the same problems and prompt
+    base = rmx["base"] if rmx else score(ctx, splits["eval"], greedy, "base")["per_problem"]
     few = score(ctx, splits["eval"], greedy, f"{args.shots}-shot base", shots=shots)
     return {"base": base, "shots": [p.id for p in shots], "unparseable": few["unparseable"], "example": few["example"],
             "points": [{"step": 0, "wall": 0.0, "cpu": 0.0, "acc": float(np.mean(base))},
