@@ -1,10 +1,14 @@
 """rmx-local beside what a user would pick instead, on one recipe, one model, one LoRA and one clock.
 
-    python benchmarks/baselines.py RECIPE [--methods rmx,rft,grpo] [--seeds 0,1,2] [--lrs 1e-5,1e-4]
+    python benchmarks/baselines.py RECIPE [--methods fewshot,rmx,rft,grpo] [--seeds 0,1,2] [--lrs 1e-5,1e-4] [--shots 3]
         [--budget-x 10] [--max-s S] [--eval-every-s 300] [--out runs/baselines] [--set key=value ...] [--report]
 
 Methods (every one scored greedily on the recipe's held-out problems by the project's own scorer,
-`stages.evaluate.score`; the paired z is against the base model's answers to the same problems):
+`stages.evaluate.score`; the paired z is against the base model's answers to the same problems, and, where the
+seed has a `fewshot` row, also against the few-shot base's, so a format fix is not sold as reasoning):
+  fewshot  no training: the base with `--shots` worked examples (the seed's first training problems, their
+        calculation and the answer in the graded format) before each held-out question; its clock is the
+        model load.
   rmx   the recipe as it is (`run_pipeline` in a fresh run folder); checkpoints: the base and the end.
   rft   the recipe with `train.objective = "rft"` in the rmx run's folder, so it reuses that seed's rollouts;
         its clock is its own run (model load, grading, training) plus the rmx run's rollout and grading time.
@@ -286,7 +290,35 @@ def run_grpo(args, seed: int, lr: float, results: dict) -> dict:
             "steps": trainer.state.global_step}
 
 
-METHODS = {"rmx": run_rmx, "rft": run_rft, "grpo": run_grpo}
+def run_fewshot(args, seed: int, lr: float | None, results: dict) -> dict:
+    """The base zero-shot (the other methods' base: the seed's rmx run's when it ran first) and with `args.shots`
+    training problems as worked examples."""
+    clock = Clock()
+    from rmx_local.backends import SampleParams
+    from rmx_local.stages import RunContext
+    from rmx_local.stages.evaluate import score
+    from rmx_local.stages.rollouts import split_problems
+    from rmx_local.ui import UI
+
+    run_dir = Path(args.out) / f"fewshot-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    r = _recipe(args, seed, run_dir)
+    ctx = RunContext(r, run_dir, UI(rich=False))
+    splits = split_problems(ctx)
+    ctx.backend  # noqa: B018 (loads the model: the only cost of this method)
+    wall, cpu = clock.now()
+    greedy = SampleParams(1, 0.0, 1.0, r.eval.max_tokens, seed)
+    shots = tuple(splits["train"][: args.shots])
+    rmx = results.get(("rmx", seed, None))  # its base answers, when it ran first: the same problems and prompt
+    base = rmx["base"] if rmx else score(ctx, splits["eval"], greedy, "base")["per_problem"]
+    few = score(ctx, splits["eval"], greedy, f"{args.shots}-shot base", shots=shots)
+    return {"base": base, "shots": [p.id for p in shots], "unparseable": few["unparseable"], "example": few["example"],
+            "points": [{"step": 0, "wall": 0.0, "cpu": 0.0, "acc": float(np.mean(base))},
+                       {"step": 0, "wall": wall, "cpu": cpu, "acc": float(np.mean(few["per_problem"])),
+                        "per_problem": few["per_problem"]}]}
+
+
+METHODS = {"fewshot": run_fewshot, "rmx": run_rmx, "rft": run_rft, "grpo": run_grpo}
 
 
 # ---------------------------------------------------------------- report
@@ -327,14 +359,23 @@ def rounds_results(out: Path, results: dict) -> dict:
 def report(out: Path) -> str:
     results = load_results(out)
     results.update(rounds_results(out, results))
-    lines = ["| method | seed | lr | checkpoint | wall s | CPU s | held-out acc ± SE | z vs base |", "|---|---|---|---|---:|---:|---|---:|"]
+    lines = ["| method | seed | lr | checkpoint | wall s | CPU s | held-out acc ± SE | z vs base | gain vs few-shot base (z) |",
+             "|---|---|---|---|---:|---:|---|---:|---|"]
     for (method, seed, lr), r in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         best = max(r["points"], key=lambda p: (p["acc"], -p["cpu"]))
+        few = results.get(("fewshot", seed, None))
         for i, p in enumerate(r["points"]):
             label = "base" if i == 0 else "end" if i == len(r["points"]) - 1 else "best" if p is best else "checkpoint"
-            acc, se, z = paired(p.get("per_problem", r["base"]), r["base"])
+            if method == "fewshot" and i:
+                label = f"{len(r['shots'])}-shot base"
+            per_problem = p.get("per_problem", r["base"])
+            acc, se, z = paired(per_problem, r["base"])
+            vs_few = ""
+            if few and method != "fewshot" and len(few["base"]) == len(per_problem):
+                few_acc, (_, _, fz) = few["points"][-1]["acc"], paired(per_problem, few["points"][-1]["per_problem"])
+                vs_few = f"{acc - few_acc:+.3f} ({fz:+.1f})"
             lines.append(f"| {method} | {seed} | {lr if lr is not None else ''} | {label} (step {p['step']}) | {p['wall']:.0f} | "
-                         f"{p['cpu']:.0f} | {acc:.3f} ± {se:.3f} | {z:+.1f} |")
+                         f"{p['cpu']:.0f} | {acc:.3f} ± {se:.3f} | {z:+.1f} | {vs_few} |")
     for (method, seed, lr), g in sorted(results.items(), key=lambda kv: str(kv[0])):
         if method == "grpo" and ("rmx", seed, None) in results:
             h = headline(results[("rmx", seed, None)], g)
@@ -384,6 +425,7 @@ def main() -> None:
     ap.add_argument("--grpo-epochs", type=float, default=2.0)
     ap.add_argument("--stop-at", type=lambda s: time.mktime(time.strptime(time.strftime("%Y-%m-%d ") + s, "%Y-%m-%d %H:%M")),
                     default=math.inf, help="HH:MM local time: GRPO ends then with a last checkpoint (a safety net)")
+    ap.add_argument("--shots", type=int, default=3, help="fewshot: worked examples before each question")
     ap.add_argument("--out", default="runs/baselines")
     ap.add_argument("--set", action="append", default=[], help="recipe override for every method, e.g. threads=1")
     ap.add_argument("--tag", default="", help="name of a setting of rmx (and rft) given by --set: method 'rmx TAG'")

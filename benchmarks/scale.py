@@ -3,6 +3,7 @@
     python benchmarks/scale.py [--models qwen2.5-0.5b,qwen2.5-1.5b] [--dtypes float32,bfloat16] [--quick]
     python benchmarks/scale.py --long-train qwen2.5-1.5b --completion 1000      # one paper-length training step
     python benchmarks/scale.py --device cuda --dtypes bfloat16 --models qwen2.5-0.5b,qwen2.5-1.5b --gpu-peak h100
+    python benchmarks/scale.py --models gemma-3-270m --dtypes float32 --threads 1 --batches 64 --cpu-peak auto
 
 Models are built in code from the configurations of real checkpoints (the shapes and vocabulary sizes below;
 nothing is downloaded) with random weights, so the numbers are speed and memory, never quality. Random
@@ -17,13 +18,22 @@ Stages, all through `TorchBackend` (what `rmx-local run` uses):
   train    one LoRA r32 q/k/v/o micro-batch of the same 8 rollouts (forward with the adapter off and on, backward,
            AdamW step), tok/s of sequence tokens; `--long-train` runs one sequence of `--completion` tokens
 With `--gpu-peak` (a name from GPU_BF16_TFLOPS or a number in TFLOP/s) each rate is also shown against the GPU's
-bound: 2 x parameters FLOPs per token (6 x for training) at that peak.
+bound: 2 x parameters FLOPs per token (6 x for training) at that peak. `--cpu-peak auto` does the same against this
+CPU's bound on `--threads` threads: the best of five 2048 x 2048 matmuls in each dtype (`cpu_peak_tflops`), printed;
+the ratio is then of tokens per process CPU second per thread (a shared machine's wall clock includes waiting).
+FLOPs per token (`flops_per_token`, printed): 2 x the decoder's matmul parameters for every token, plus 2 x the
+output head's where the head is applied (every sampled token; in entropy and training only the completion
+positions: the prompt never reaches the vocabulary), 3 x that for a training step. Shortcuts of the bound: the
+embedding lookup is free (a tied embedding counts once, as the head); attention's score FLOPs, the softmax and
+entropy over the vocabulary and the optimizer are not counted, and a LoRA step (adapter-off forward, adapter-on
+forward, input-gradient backward) is charged the dense 3 x forward.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +60,9 @@ SHAPES = {
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
                          rope_theta=1000000.0),
+    "gemma-3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                         tie_word_embeddings=True, sliding_window=512, query_pre_attn_scalar=256),
 }
 GPU_BF16_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0, "a10g": 125.0,
                    "rtx4090": 165.0, "rtx3090": 71.0, "t4": 65.0}  # dense bf16 (fp16 for t4) tensor-core peaks
@@ -113,6 +126,9 @@ def measure_one(shape: str, stage: str, dtype: str, device: str, batch: int, new
         torch.set_num_threads(threads)
     model = build_model(shape, dtype, device)
     params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    body = params - head.numel() - (0 if head is embed else embed.numel())  # the decoder's matmul parameters
     backend = TorchBackend(model, Tokenizer(), device, batch_size=max(batch, 1), model_name=shape)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
@@ -137,9 +153,11 @@ def measure_one(shape: str, stage: str, dtype: str, device: str, batch: int, new
         backend.generate(prompts[:1], SampleParams(1, 0.6, 1.0, 2, 0))  # warm-up (first-call allocations), not timed
         out, wall, cpu = timed(lambda: backend.generate(prompts, sp))
         tokens = sum(len(c) for o in out for c in o)
+        flops = 2 * (body + head.numel()) * tokens
     else:
         seqs = [(prompts[0] + rng.integers(3, vocab, completion).tolist(), PROMPT) for _ in range(batch)]
         tokens = sum(len(t) for t, _ in seqs)
+        flops = (6 if stage == "train" else 2) * (body * tokens + head.numel() * completion * batch)
         if stage == "entropy":
             backend.entropies(seqs[:1])  # warm-up (first-call allocations), not timed
             _, wall, cpu = timed(lambda: backend.entropies(seqs))
@@ -147,14 +165,15 @@ def measure_one(shape: str, stage: str, dtype: str, device: str, batch: int, new
             backend.init_lora(32, 64.0, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"], seed=0)
             examples = [TrainExample(t, p, rng.random(len(t) - p) < 0.2, float(rng.normal())) for t, p in seqs]
 
-            def step():
-                backend.accumulate(examples, 0.2, 0.0, 1.0)
+            def step(batch=examples):
+                backend.accumulate(batch, 0.2, 0.0, 1.0)
                 return backend.step(1e-4, 0.0, 1.0)
 
+            step(examples[:1])  # warm-up (first-call allocations, the optimizer's state), not timed
             _, wall, cpu = timed(step)
     row = {"shape": shape, "stage": stage, "dtype": dtype, "device": device, "batch": batch, "params_m": params / 1e6,
-           "tokens": tokens, "tok_s": tokens / wall, "wall_s": wall, "cpu_s": cpu, "loaded_mb": loaded_mb,
-           "peak_mb": status_mb("VmHWM")}
+           "tokens": tokens, "flops_per_token": flops / tokens, "tok_s": tokens / wall, "wall_s": wall, "cpu_s": cpu, "loaded_mb": loaded_mb,
+           "peak_mb": status_mb("VmHWM"), "threads": threads}
     if device == "cuda":
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
@@ -190,15 +209,38 @@ def gpu_peak_tflops(spec: str) -> float:
         sys.exit(f"--gpu-peak {spec}: not one of {', '.join(GPU_BF16_TFLOPS)}, `auto`, or a number")
 
 
+def cpu_peak_tflops(dtype: str, threads: int) -> float:
+    """This CPU's matmul peak in `dtype` on `threads` threads: the best of five 2048 x 2048 products, TFLOP/s."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048, dtype=getattr(torch, dtype)), torch.randn(2048, 2048, dtype=getattr(torch, dtype))
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best / 1e12
+
+
 def bound_tok_s(row: dict, peak_tflops: float) -> float:
-    """Tokens/s at the GPU's bf16 peak: 2 x params FLOPs per token (6 x for a training step)."""
-    return peak_tflops * 1e12 / ((6 if row["stage"] == "train" else 2) * row["params_m"] * 1e6)
+    """Tokens/s at the device's peak: the row's FLOPs per token (rows written before it: 2 x params, 6 x to train)."""
+    flops = row.get("flops_per_token") or (6 if row["stage"] == "train" else 2) * row["params_m"] * 1e6
+    return peak_tflops * 1e12 / flops
 
 
-def print_table(rows: list[dict], peak_tflops: float | None) -> None:
+def peak_tflops_of(row: dict, peak_tflops: float | dict) -> float:
+    return peak_tflops[row["dtype"]] if isinstance(peak_tflops, dict) else peak_tflops
+
+
+def print_table(rows: list[dict], peak_tflops: float | dict | None) -> None:
+    """`peak_tflops`: one GPU peak, or a CPU peak per dtype (`cpu_peak_tflops`)."""
     head = f"{'model':<14}{'params':>8} {'dtype':<9}{'stage':<14}{'tok/s':>9}{'cpu s':>8}{'loaded MB':>11}{'peak MB':>9}"
+    gpu = any(r.get("device") == "cuda" for r in rows)
     if peak_tflops:
-        head += f"{'GPU MB':>9}{'bound tok/s':>13}{'of bound':>10}"
+        head += (f"{'GPU MB':>9}" if gpu else f"{'tok/CPU s':>10}") + f"{'GFLOP/tok':>10}{'bound tok/s':>13}{'of bound':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -209,8 +251,11 @@ def print_table(rows: list[dict], peak_tflops: float | None) -> None:
         line = (f"{r['shape']:<14}{r['params_m']:>7.0f}M {r['dtype']:<9}{stage:<14}{r['tok_s']:>9.1f}{r['cpu_s']:>8.1f}"
                 f"{r['loaded_mb']:>11,.0f}{r['peak_mb']:>9,.0f}")
         if peak_tflops:
-            bound = bound_tok_s(r, peak_tflops)
-            line += f"{r.get('cuda_peak_mb', float('nan')):>9,.0f}{bound:>13,.0f}{r['tok_s'] / bound:>10.1%}"
+            bound = bound_tok_s(r, peak_tflops_of(r, peak_tflops))
+            # on a CPU the rate per process CPU second (per thread), the fair clock on a shared machine
+            rate = r["tok_s"] if gpu else r["tokens"] / r["cpu_s"] / (r.get("threads") or 1)
+            line += (f"{r.get('cuda_peak_mb', float('nan')):>9,.0f}" if gpu else f"{rate:>10.1f}") + \
+                f"{peak_tflops_of(r, peak_tflops) * 1e3 / bound:>10.2f}{bound:>13,.0f}{rate / bound:>10.1%}"
         print(line)
 
 
@@ -259,6 +304,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smallest workload: batch 8, 4 new tokens, 16-token completions")
     ap.add_argument("--long-train", metavar="MODEL", help="only one training step of MODEL at --completion tokens")
     ap.add_argument("--gpu-peak", help="GPU bf16 peak for the bound column: auto, a name from GPU_BF16_TFLOPS, or TFLOP/s")
+    ap.add_argument("--cpu-peak", choices=["auto"], help="bound column against this CPU's measured matmul peak")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--max-rss-gb", type=float, default=0, help="stop a measurement whose RSS passes this (0 = no limit)")
     ap.add_argument("--plan-check", action="store_true", help="print the dry-run planner's estimate beside each measurement")
@@ -294,6 +340,13 @@ def main() -> None:
             print(" ".join(map(str, p)))
         return
     peak = gpu_peak_tflops(args.gpu_peak) if args.gpu_peak else None
+    if args.cpu_peak and not args.threads:
+        sys.exit("--cpu-peak needs --threads N (the bound is per thread count)")
+    if args.cpu_peak:
+        peak = {d: cpu_peak_tflops(d, args.threads) for d in args.dtypes.split(",")}
+        print("# CPU bound assumed: " + ", ".join(f"{d} {t * 1e3:.1f} GFLOP/s (best 2048^3 matmul, {args.threads or 'default'} "
+                                                   f"threads)" for d, t in peak.items()) + "; FLOPs per token: see the GFLOP/tok column "
+              "(the docstring says what it counts)")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {os.uname().nodename} device={args.device} threads={args.threads or 'default'}"
           f" prompt={PROMPT} new_tokens={args.new_tokens} completion={args.completion} x {GROUP} rollouts", flush=True)
     rows = json.loads(Path(args.from_json).read_text()) if args.from_json else []

@@ -209,6 +209,8 @@ def chat(target: str, runtime: str, compare: bool, max_tokens: int, temperature:
 @click.option("--kl", is_flag=True, help="Mean per-token KL(base || adapted) on the base's greedy completions (torch).")
 @click.option("--template", default=None, callback=field("task.template"), help="auto, chat or raw. Default: the run's.")
 @click.option("--instruction", default=None, help="Text after the question. Default: the run's.")
+@click.option("--shots", default=0, show_default=True, help="Worked examples before each question (arith data: the "
+              "first N of the generator's sequence, the end runs train on; graded up to the next 'Question:').")
 @click.option("--question-field", default=None, help="Column, or a template like '{Body} {Question}'.")
 @click.option("--answer-field", default=None, help="Column holding the gold answer.")
 @click.option("--base", default=None, help="Base model spec for the adapters (default: the one they name).")

@@ -2,7 +2,7 @@
 llama.cpp, with paired statistics.
 
 Interfaces other modules build on:
-  Prompt(template, instruction)          what `rmx_local.tasks.build_prompt` needs besides the question
+  Prompt(template, instruction, shots)   what `rmx_local.tasks.build_prompt` needs besides the question
   score_problems(model, problems, prompt, params, *, batch_size=64, ui=None, label="score") -> list[ProblemRecord]
       THE scorer, shared with the run pipeline (`stages/evaluate.score`). `model` is a loaded Backend (its
       `generate`, in its current adapter state) or a rollout engine (`sample`, e.g. a LlamaCppEngine holding a
@@ -36,6 +36,7 @@ together and atomically after all scoring, so a failed call leaves no partial fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from rmx_local.errors import RmxError
 from rmx_local.io import atomic_dir
 from rmx_local.model_check import check_model_source
 from rmx_local.recipe import TaskConfig
-from rmx_local.tasks import Problem, encode_prompts
+from rmx_local.tasks import Problem, arith_problems, arith_space_size, cut_at_next_question, encode_prompts
 from rmx_local.verify import verify_many
 
 EVAL_RUNTIMES = ("torch", "llama_cpp")
@@ -63,6 +64,10 @@ DEFAULT_MAX_TOKENS = 512
 class Prompt:
     template: str = TaskConfig.template
     instruction: str = TaskConfig.instruction
+    shots: tuple[Problem, ...] = ()  # worked examples before each question (training problems only)
+
+    def to_json(self) -> dict:
+        return {"template": self.template, "instruction": self.instruction, "shots": [p.id for p in self.shots]}
 
 
 @dataclass
@@ -96,7 +101,7 @@ def score_problems(model: Any, problems: list[Problem], prompt: Prompt, params: 
                    ui: Any = None, label: str = "score") -> list[ProblemRecord]:
     """Decode `params.n` completions per problem (one when greedy) and grade them; see the module docstring."""
     tokenizer = model.tokenizer
-    texts, ids = encode_prompts(tokenizer, [p.question for p in problems], prompt.template, prompt.instruction)
+    texts, ids = encode_prompts(tokenizer, [p.question for p in problems], prompt.template, prompt.instruction, prompt.shots)
     n = params.n if params.temperature > 0 else 1
     group = max(1, batch_size // n)
     outs: list[list[list[int]]] = []
@@ -111,6 +116,8 @@ def score_problems(model: Any, problems: list[Problem], prompt: Prompt, params: 
             bar.advance(len(ids[chunk]))
     outs = [o[:n] for o in outs]
     completions = [[tokenizer.decode(c, skip_special_tokens=True) for c in o] for o in outs]
+    if prompt.shots:  # graded up to the next "Question:" the examples taught it to write (token counts stay whole)
+        completions = [[cut_at_next_question(c) for c in cs] for cs in completions]
     verdicts = iter(verify_many([c for cs in completions for c in cs],
                                 [p.answer for p, cs in zip(problems, completions) for _ in cs]))
     records = []
@@ -195,6 +202,7 @@ class EvalOptions:
     threads: int = 0
     batch_size: int = 64
     out: str | None = None
+    shots: int = 0  # worked examples before each question (`few_shot_examples`)
 
 
 def parse_runtimes(values: list[str] | tuple[str, ...]) -> list[str]:
@@ -283,6 +291,21 @@ def _prompts(targets, opts: EvalOptions) -> dict[str, Prompt]:
     return out
 
 
+def few_shot_examples(spec: str, problems: list[Problem], shots: int, seed: int) -> tuple[Problem, ...]:
+    """`--shots N` for a data set: arith data scores the LAST n problems of the seeded sequence, so the examples are
+    its FIRST N, the end every run trains on; other data has no training end here and is refused."""
+    if shots <= 0:
+        return ()
+    if not spec.startswith("arith:"):
+        raise RmxError(f"--shots {shots} with --data {spec}: few-shot examples come from the arith generator's training "
+                       "end only", fix="use arith data, or drop --shots")
+    difficulty = spec.split(":", 1)[1]
+    if shots + len(problems) > arith_space_size(difficulty):
+        raise RmxError(f"--shots {shots} + {len(problems)} problems exceed the {arith_space_size(difficulty)} distinct "
+                       f"{spec} problems: an example would be a scored problem", fix="lower --shots or --limit")
+    return tuple(arith_problems(difficulty, shots, seed))
+
+
 def _kl(backend: Any, target, base_records: list[ProblemRecord] | None, problems: list[Problem], prompt: Prompt,
         max_tokens: int, seed: int, ui: Any) -> float:
     """Mean per-token KL(base || adapted) on the base's greedy completions (see the module docstring)."""
@@ -329,9 +352,10 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
     sampled = opts.n_samples > 1
     params = SampleParams(opts.n_samples if sampled else 1, opts.temperature if sampled else 0.0,
                           opts.top_p if sampled else 1.0, max_tokens, opts.seed)
+    shots = {spec: few_shot_examples(spec, problems, opts.shots, opts.seed) for spec, problems in data}
     for t in targets:
         p = prompts[t.label]
-        ui.line(f"prompt for {t.label}: template {p.template!r}, instruction {p.instruction!r}"
+        ui.line(f"prompt for {t.label}: template {p.template!r}, instruction {p.instruction!r}, {opts.shots} shots"
                 f"{' (its run)' if t.template is not None and not opts.template and opts.instruction is None else ''}")
 
     models, records, stats = _Models(opts, ui), {}, {}
@@ -340,7 +364,8 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
             model = models.torch(t) if runtime == "torch" else models.llama_cpp(t)
             for spec, problems in data:
                 wall, cpu = time.time(), time.process_time()
-                recs = score_problems(model, problems, prompts[t.label], params, batch_size=opts.batch_size, ui=ui,
+                prompt = dataclasses.replace(prompts[t.label], shots=shots[spec])
+                recs = score_problems(model, problems, prompt, params, batch_size=opts.batch_size, ui=ui,
                                       label=f"{t.label} [{runtime}] on {spec}")
                 wall, cpu = time.time() - wall, time.process_time() - cpu
                 records[spec, runtime, t.label] = recs
@@ -350,14 +375,15 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
                     same_base = [b.label for b in targets if b.adapter is None and b.base_spec == t.base_spec
                                  and prompts[b.label] == prompts[t.label] and (spec, "torch", b.label) in records]
                     base = records[spec, "torch", same_base[0]] if same_base and not sampled else None
-                    stats[spec, runtime, t.label]["kl"] = _kl(model, t, base, problems, prompts[t.label], max_tokens, opts.seed, ui)
+                    stats[spec, runtime, t.label]["kl"] = _kl(model, t, base, problems, prompt, max_tokens, opts.seed, ui)
             if runtime == "llama_cpp":
                 model.close()
 
     summary = {
         "targets": [{"label": t.label, "kind": t.kind, "base": t.base_spec, "adapter": t.adapter is not None,
                      "gguf_adapter": str(t.gguf_adapter) if t.gguf_adapter else None,
-                     "prompt": vars(prompts[t.label])} for t in targets],
+                     "prompt": prompts[t.label].to_json()} for t in targets],
+        "shots": {spec: [p.id for p in s] for spec, s in shots.items()},
         "runtimes": runtimes,
         "decoding": {"n_samples": params.n, "temperature": params.temperature, "top_p": params.top_p,
                      "max_tokens": max_tokens, "seed": opts.seed, "limit": opts.limit},

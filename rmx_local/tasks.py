@@ -24,6 +24,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 SYSTEM_PROMPT: str | None = None
 RAW_TEMPLATE = "Question: {question}\n" + INSTRUCTION + "\nAnswer: Let's think step by step."
 TEMPLATES = ("chat", "raw", "auto")
+SHOT_SEPARATOR = "\n\n"  # between a few-shot example's answer and the next "Question:" (raw template)
 DIFFICULTIES = ("single", "word", "two_step")
 
 
@@ -34,6 +35,7 @@ class Problem:
     id: str
     question: str
     answer: str
+    solution: str = ""  # a worked calculation ending at the answer (the arith generator writes one); few-shot examples show it
 
 
 # ---------------------------------------------------------------- the arithmetic question spaces
@@ -104,18 +106,36 @@ def _space(difficulty: str) -> tuple[tuple[Any, ...], ...]:
     raise RmxError(f"unknown arithmetic difficulty {difficulty!r}", fix=f"use one of {', '.join(DIFFICULTIES)}")
 
 
-def _render(recipe: tuple[Any, ...]) -> tuple[str, int]:
-    """(question text, integer answer) for one recipe of `_space`."""
+def _steps(a: int, op1: str, b: int, op2: str, c: int) -> str:
+    """The worked calculation of `a op1 b op2 c` (× first), e.g. "3 × 4 = 12, and 2 + 12 = 14."."""
+    if op2 == "×" and op1 != "×":
+        partial = b * c
+        return f"{b} × {c} = {partial}, and {a} {op1} {partial} = {_apply(a, op1, partial)}."
+    partial = _apply(a, op1, b)
+    return f"{a} {op1} {b} = {partial}, and {partial} {op2} {c} = {_apply(partial, op2, c)}."
+
+
+# The two-step word templates' calculations, in the order of TWO_STEP_TEMPLATES: (a, b, c) -> `_steps` arguments.
+TWO_STEP_STEPS = (lambda a, b, c: (a, "+", b, "-", c), lambda a, b, c: (a, "×", b, "+", c),
+                  lambda a, b, c: (a, "-", b, "×", c))
+
+
+def _render(recipe: tuple[Any, ...]) -> tuple[str, int, str]:
+    """(question text, integer answer, worked calculation) for one recipe of `_space`."""
     kind = recipe[0]
     if kind == "expr":
-        return f"What is {recipe[1]}?", recipe[2]
+        expr, value = recipe[1], recipe[2]
+        parts = expr.split()
+        solution = f"{expr} = {value}." if len(parts) == 3 else _steps(int(parts[0]), parts[1], int(parts[2]), parts[3], int(parts[4]))
+        return f"What is {expr}?", value, solution
     if kind == "word":
         _, t, a, b, name, item = recipe
         text, op = WORD_TEMPLATES[t]
-        return text.format(name=NAMES[name], item=ITEMS[item], a=a, b=b), _apply(a, op, b)
+        value = _apply(a, op, b)
+        return text.format(name=NAMES[name], item=ITEMS[item], a=a, b=b), value, f"{a} {op} {b} = {value}."
     _, t, a, b, c, name = recipe
     text, answer = TWO_STEP_TEMPLATES[t]
-    return text.format(name=NAMES[name], a=a, b=b, c=c), answer(a, b, c)
+    return text.format(name=NAMES[name], a=a, b=b, c=c), answer(a, b, c), _steps(*TWO_STEP_STEPS[t](a, b, c))
 
 
 @functools.lru_cache(maxsize=16)
@@ -139,28 +159,47 @@ def arith_problems(difficulty: str, n: int, seed: int, offset: int = 0) -> list[
     order = _order(difficulty, seed)
     problems = []
     for i in range(offset, offset + n):
-        question, answer = _render(_space(difficulty)[order[i % size]])
-        problems.append(Problem(id=f"arith-{difficulty}-{seed}-{i}", question=question, answer=str(answer)))
+        question, answer, solution = _render(_space(difficulty)[order[i % size]])
+        problems.append(Problem(id=f"arith-{difficulty}-{seed}-{i}", question=question, answer=str(answer), solution=solution))
     return problems
 
 
 # ---------------------------------------------------------------- prompts
 
-def build_prompt(tokenizer: Any, question: str, template: str, instruction: str = INSTRUCTION) -> str:
+def worked_answer(problem: Problem, instruction: str) -> str:
+    """A few-shot example's answer in the graded format: its worked calculation, then "The answer is N." (N inside
+    \\boxed{} when the instruction asks for it). Shortcut: any other format the instruction names is not followed."""
+    final = f"\\boxed{{{problem.answer}}}" if "\\boxed" in instruction else problem.answer
+    return " ".join(x for x in (problem.solution, f"The answer is {final}.") if x)
+
+
+def cut_at_next_question(completion: str) -> str:
+    """A few-shot prompt teaches a base model to write the next "Question:" after its answer; the completion is
+    graded up to there (lm-eval's `until` convention)."""
+    return completion.split(SHOT_SEPARATOR + "Question:", 1)[0]
+
+
+def build_prompt(tokenizer: Any, question: str, template: str, instruction: str = INSTRUCTION,
+                 shots: tuple[Problem, ...] = ()) -> str:
     """The text fed to the model: "chat" (the tokenizer's chat template), "raw" (base models) or "auto".
 
-    `instruction` follows the question (default: the paper's \\boxed{} instruction)."""
+    `instruction` follows the question (default: the paper's \\boxed{} instruction). `shots`: worked examples put
+    before the question, each a full question and `worked_answer` (raw: one after another, SHOT_SEPARATOR between;
+    chat: earlier user and assistant turns). The caller draws them from training problems, never held-out ones."""
     if template not in TEMPLATES:
         raise RmxError(f"prompt template {template!r} is unknown", fix=f"use one of {', '.join(TEMPLATES)}")
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "auto":
         template = "chat" if has_chat else "raw"
     if template == "raw":
-        return RAW_TEMPLATE.replace(INSTRUCTION, instruction).replace("{question}", question)
+        raw = lambda q: RAW_TEMPLATE.replace(INSTRUCTION, instruction).replace("{question}", q)  # noqa: E731
+        return "".join(raw(s.question) + " " + worked_answer(s, instruction) + SHOT_SEPARATOR for s in shots) + raw(question)
     if not has_chat:
         raise RmxError('task.template = "chat": this tokenizer has no chat template',
                        fix='use task.template = "raw" (or "auto") for base models')
-    messages = [{"role": "user", "content": question + "\n" + instruction}]
+    messages = [m for s in shots for m in ({"role": "user", "content": s.question + "\n" + instruction},
+                                           {"role": "assistant", "content": worked_answer(s, instruction)})]
+    messages.append({"role": "user", "content": question + "\n" + instruction})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -171,10 +210,11 @@ def resolve_template(tokenizer: Any, template: str) -> str:
     return template
 
 
-def encode_prompts(tokenizer: Any, questions: list[str], template: str, instruction: str) -> tuple[list[str], list[list[int]]]:
+def encode_prompts(tokenizer: Any, questions: list[str], template: str, instruction: str,
+                   shots: tuple[Problem, ...] = ()) -> tuple[list[str], list[list[int]]]:
     """(prompt texts, prompt token ids) for the questions, as every stage and `rmx-local eval` feed them."""
     template = resolve_template(tokenizer, template)
-    texts = [build_prompt(tokenizer, q, template, instruction) for q in questions]
+    texts = [build_prompt(tokenizer, q, template, instruction, shots) for q in questions]
     # chat templates already spell out their special tokens; the raw template relies on the tokenizer's BOS
     ids = [tokenizer(s, add_special_tokens=(template == "raw")).input_ids for s in texts]
     return texts, ids

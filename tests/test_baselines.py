@@ -132,3 +132,17 @@ def test_a_tagged_setting_is_its_own_method_folder_and_curve(tmp_path):
     table = bl.report(tmp_path)
     assert "| rmx K16 | 0 |  | end (step 1) | 180 | 180 | 0.750" in table
     assert (tmp_path / "baselines.png").stat().st_size > 1000
+
+
+def test_every_gain_is_also_stated_against_the_few_shot_base(tmp_path):
+    point = lambda cpu, per: {"step": 1, "wall": cpu, "cpu": cpu, "acc": float(np.mean(per)), "per_problem": per}
+    base, few, rmx = [0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 1, 1]
+    rows = [{"method": "fewshot", "seed": 0, "lr": None, "base": base, "shots": ["a", "b", "c"],
+             "points": [point(0, base), point(9, few)]},
+            {"method": "rmx", "seed": 0, "lr": None, "base": base, "points": [point(0, base), point(100, rmx)]}]
+    (tmp_path / "results.jsonl").write_text("".join(bl.json.dumps(r) + "\n" for r in rows))
+    table = bl.report(tmp_path)
+    z = lambda a, b: (np.array(a) - b).mean() / ((np.array(a) - b).std(ddof=1) / np.sqrt(6))  # noqa: E731
+    assert f"| rmx | 0 |  | end (step 1) | 100 | 100 | 0.833 ± 0.167 | {z(rmx, base):+.1f} | +0.333 ({z(rmx, few):+.1f}) |" in table
+    assert f"| fewshot | 0 |  | 3-shot base (step 1) | 9 | 9 | 0.500 ± 0.224 | {z(few, base):+.1f} |  |" in table
+    assert f"| rmx | 0 |  | base (step 1) | 0 | 0 | 0.167 ± 0.167 | +0.0 | -0.333 ({z(base, few):+.1f}) |" in table

@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from rmx_local.adapter import save_peft
 from rmx_local.backends import SampleParams
 from rmx_local.errors import RmxError
-from rmx_local.eval import (EvalOptions, ProblemRecord, Prompt, majority_correct, metrics, paired, parse_runtimes,
+from rmx_local.data import load_problems
+from rmx_local.eval import (EvalOptions, ProblemRecord, Prompt, few_shot_examples, majority_correct, metrics, paired, parse_runtimes,
                             pass_at_k, run_eval, score_problems)
 from rmx_local.export.check import random_adapter
 from rmx_local.export.gguf_adapter import write_gguf_adapter
 from rmx_local.targets import resolve_target, resolve_targets
-from rmx_local.tasks import Problem
+from rmx_local.tasks import Problem, arith_problems
 from rmx_local.ui import UI
 from conftest import char_tokenizer, tiny_llama
 
@@ -85,6 +86,28 @@ def test_score_problems_grades_counts_and_groups() -> None:
     assert [r.correct[0] for r in records] == [True, False, False, True, True]
     assert [r.parsed[0] for r in records] == ["1", "3", None, "4", "5"]
     assert records[0].tokens == [16] and records[0].gold == "1" and records[2].completions == ["no idea"]
+
+
+def test_few_shot_scoring_grades_up_to_the_next_question() -> None:
+    problems = [Problem("p0", "What is 1 + 1?", "2"), Problem("p1", "What is 2 + 2?", "4")]
+    texts = ["1 + 1 = 2. The answer is 2.\n\nQuestion: What is 3 + 3?\nAnswer: The answer is 6.", "The answer is 4."]
+    shots = tuple(arith_problems("single", 2, seed=0))
+    records = score_problems(ScriptedBackend(texts), problems, Prompt("raw", "Answer.", shots), SampleParams(1, 0.0, 1.0, 99, 0))
+    assert [r.correct[0] for r in records] == [True, True] and records[0].completions == ["1 + 1 = 2. The answer is 2."]
+    assert records[0].prompt_ids[:20] == char_tokenizer().encode(f"Question: {shots[0].question}", add_special_tokens=False)[:20]
+    zero_shot = score_problems(ScriptedBackend(texts), problems, Prompt("raw", "Answer."), SampleParams(1, 0.0, 1.0, 99, 0))
+    assert [r.correct[0] for r in zero_shot] == [False, True]  # the last answer, 6, without the cut
+
+
+def test_few_shot_examples_are_training_problems() -> None:
+    held_out = load_problems("arith:single", limit=200, seed=3)
+    shots = few_shot_examples("arith:single", held_out, 3, seed=3)
+    assert shots == tuple(arith_problems("single", 3, seed=3)) and few_shot_examples("arith:single", held_out, 0, 3) == ()
+    assert not {p.question for p in shots} & {p.question for p in held_out}
+    with pytest.raises(RmxError, match="exceed the 255 distinct"):
+        few_shot_examples("arith:single", load_problems("arith:single", limit=254, seed=3), 3, seed=3)
+    with pytest.raises(RmxError, match="--shots 3 with --data d.jsonl"):
+        few_shot_examples("d.jsonl", held_out, 3, seed=3)
 
 
 # ---------------------------------------------------------------- targets on a tiny random model
@@ -176,7 +199,7 @@ def test_eval_scores_every_target_kind_and_writes_out(models: Path, tmp_path: Pa
     results = entry["results"]["torch"]
     assert list(results) == ["base", *specs[1:]] and entry["problems"] == 4
     assert all(r["samples"] == 1 and 0 <= r["accuracy"] <= 1 and r["mean_tokens"] <= 5 for r in results.values())
-    assert all(summary["targets"][i]["prompt"] == {"template": "raw", "instruction": "Reply with a number."}
+    assert all(summary["targets"][i]["prompt"] == {"template": "raw", "instruction": "Reply with a number.", "shots": []}
                for i in range(len(specs)))  # the run's prompt for every target
     assert "vs_first" not in results["base"] and results[specs[4]]["vs_first"]["diff"] == 0.0  # the base model again
     kls = [results[s]["kl"] for s in specs[1:4]]
@@ -194,7 +217,7 @@ def test_sampled_eval_reports_pass_at_k_and_maj(models: Path) -> None:
     r = summary["data"][0]["results"]["torch"][str(models / "peft")]
     assert r["samples"] == 4 and set(r["pass@k"]) == {"1", "2", "4"} and "maj@k" in r
     assert r["pass@k"]["1"] == pytest.approx(r["accuracy"]) and r["pass@k"]["4"] >= r["pass@k"]["1"]
-    assert summary["targets"][1]["prompt"] == {"template": "chat", "instruction": "Go."}
+    assert summary["targets"][1]["prompt"] == {"template": "chat", "instruction": "Go.", "shots": []}
 
 
 def test_failures_write_nothing(models: Path, tmp_path: Path, monkeypatch) -> None:

@@ -13,7 +13,10 @@ from rmx_local.tasks import (
     arith_problems,
     arith_space_size,
     build_prompt,
+    cut_at_next_question,
+    worked_answer,
 )
+from rmx_local.verify import verify_many
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -135,3 +138,49 @@ def test_prompt_errors() -> None:
         build_prompt(FakeTokenizer(None), "q", "chat")
     with pytest.raises(RmxError, match="'fancy'"):
         build_prompt(FakeTokenizer("t"), "q", "fancy")
+
+
+# ---------------------------------------------------------------- few-shot examples
+
+
+@pytest.mark.parametrize("difficulty", DIFFICULTIES)
+def test_worked_solutions_end_at_the_answer(difficulty: str) -> None:
+    problems = arith_problems(difficulty, 300, seed=2)
+    assert all(p.solution.endswith(f"= {p.answer}.") for p in problems)
+    # the verifier grades every worked answer right in either format the examples are shown in
+    for instruction in (INSTRUCTION, "Write the calculation, then end with: The answer is N."):
+        answers = [worked_answer(p, instruction) for p in problems]
+        assert all(v.correct for v in verify_many(answers, [p.answer for p in problems]))
+
+
+def test_two_step_solutions_follow_precedence() -> None:
+    by_question = {p.question: p.solution for p in arith_problems("two_step", arith_space_size("two_step"), seed=0)}
+    assert by_question["What is 2 + 3 × 4?"] == "3 × 4 = 12, and 2 + 12 = 14."
+    assert by_question["What is 2 × 3 + 4?"] == "2 × 3 = 6, and 6 + 4 = 10."
+    assert by_question["Ana has 16 stickers and gives 3 to each of 2 friends. How many stickers does Ana have left?"] \
+        == "3 × 2 = 6, and 16 - 6 = 10."
+
+
+def test_raw_few_shot_prompt_puts_worked_examples_first() -> None:
+    class NoChat:
+        chat_template = None
+
+    shots = tuple(arith_problems("single", 3, seed=0))
+    prompt = build_prompt(NoChat(), "What is 1 + 1?", "raw", INSTRUCTION, shots)
+    blocks = prompt.split("\n\n")
+    assert len(blocks) == 4 and blocks[3] == build_prompt(NoChat(), "What is 1 + 1?", "raw", INSTRUCTION)
+    for block, shot in zip(blocks, shots):
+        assert block.startswith(f"Question: {shot.question}\n")
+        assert block.endswith(f"step by step. {shot.solution} The answer is \\boxed{{{shot.answer}}}.")
+    assert cut_at_next_question(" 1 + 1 = 2. The answer is 2.\n\nQuestion: What is 5 + 5?\nAnswer: 10") \
+        == " 1 + 1 = 2. The answer is 2."
+
+
+def test_chat_few_shot_prompt_has_earlier_turns() -> None:
+    from conftest import char_tokenizer
+
+    shots = tuple(arith_problems("word", 2, seed=0))
+    prompt = build_prompt(char_tokenizer(), "What is 1 + 1?", "chat", "End with: The answer is N.", shots)
+    assert prompt.count("<|im_start|>user") == 3 and prompt.count("<|im_start|>assistant") == 3
+    assert f"{shots[1].solution} The answer is {shots[1].answer}.<|im_end|>" in prompt
+    assert prompt.index(shots[1].question) < prompt.index("What is 1 + 1?")

@@ -18,10 +18,12 @@ from rmx_local.stages import RunContext
 from rmx_local.tasks import Problem
 
 
-def score(ctx: RunContext, problems: list[Problem], params: SampleParams, label: str) -> dict:
-    """Per-problem correctness for the backend's current adapter state, by the scorer `rmx-local eval` uses."""
+def score(ctx: RunContext, problems: list[Problem], params: SampleParams, label: str,
+          shots: tuple[Problem, ...] = ()) -> dict:
+    """Per-problem correctness for the backend's current adapter state, by the scorer `rmx-local eval` uses
+    (`shots`: worked examples before each question, `rmx_local.tasks.build_prompt`)."""
     t = ctx.recipe.task
-    records = score_problems(ctx.backend, problems, Prompt(t.template, t.instruction), params,
+    records = score_problems(ctx.backend, problems, Prompt(t.template, t.instruction, shots), params,
                              batch_size=ctx.recipe.eval.batch_size or ctx.recipe.rollout.batch_size, ui=ctx.ui, label=label)
     parsed = [p for r in records for p in r.parsed]
     return {"per_problem": [r.score for r in records], "unparseable": sum(p is None for p in parsed) / max(len(parsed), 1),
