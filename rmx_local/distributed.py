@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from rmx_local.errors import RmxError
 
 T = TypeVar("T")
+PARALLEL_STAGES = ("entropy", "train")  # the stages whose work the ranks share (the planner divides their time)
 
 
 def world() -> int:

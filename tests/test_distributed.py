@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import save_digit_model, tiny_recipe
+from conftest import tiny_world
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,18 +21,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_world(root: Path, train_size: int = 6) -> Path:
-    """A tiny model, 10 JSONL problems and a recipe (6 problems x 4 rollouts, grad_accum 2 -> 4 on two ranks)."""
-    save_digit_model(root / "model")
-    data = root / "problems.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Question number {i}?", "answer": str(1 + i % 2)}) + "\n"
-                            for i in range(10)))
-    recipe = root / "tiny.toml"
-    recipe.write_text(tiny_recipe(root / "model", data, train_size=train_size, gate_batch=4, threads=1)
-                      .replace("grad_accum = 2", "grad_accum = 3\nlr = 0.01"))  # odd: one rank takes two micro-batches
-    return recipe
 
 
 def _rank_main(rank: int, world: int, port: int, recipe: str, run_dir: str, cache: str) -> None:
@@ -68,7 +56,7 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     from rmx_local.recipe import load_recipe
     from rmx_local.ui import UI
 
-    recipe = write_world(tmp_path)
+    recipe = tiny_world(tmp_path)
     monkeypatch.setenv("RMX_LOCAL_CACHE", str(tmp_path / "cache"))
     one = run_pipeline(load_recipe(str(recipe), [f"run_dir={json.dumps(str(tmp_path / 'one'))}"]), UI(rich=False))
     two_dir = tmp_path / "two"
@@ -109,3 +97,30 @@ def test_torchrun_pipeline_and_kill_one_rank(tmp_path):
     rows = bench.run_checks(tmp_path, log=lambda s: None)
     assert {r["check"]: r["verdict"] for r in rows} == {"torchrun 2 ranks": "equal", "kill -9 rank 1, resume 2 ranks": "equal",
                                                        "kill -9 rank 1, resume 1 rank": "equal"}
+
+
+def test_planner_prints_time_per_rank(tmp_path, monkeypatch):
+    from conftest import save_digit_model
+
+    from rmx_local.plan import Stage, per_rank, print_plan
+    from rmx_local.recipe import load_recipe
+
+    stages = [Stage("rollouts", 1, 60.0, "k"), Stage("entropy", 1, 40.0, "k"), Stage("train", 1, 80.0, "k"),
+              Stage("eval base", 1, 10.0, "k")]
+    assert per_rank(stages, 4) == [60.0, 10.0, 20.0, 10.0]  # rank 0 alone samples and evaluates
+
+    class Capture:
+        def table(self, title, columns, rows):
+            self.columns, self.rows = columns, rows
+
+        def line(self, text):
+            pass
+
+    save_digit_model(tmp_path / "model")
+    recipe = load_recipe(None, [f"model={json.dumps(str(tmp_path / 'model'))}", "threads=1"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ui = Capture()
+    print_plan(recipe, ui)
+    assert ui.columns[-1] == "time, 2 ranks" and all(len(r) == 4 for r in ui.rows)
+    row = {r[0]: r for r in ui.rows}
+    assert row["rollouts"][2] == row["rollouts"][3] and row["whole run"][3] != row["whole run"][2]

@@ -84,3 +84,23 @@ def test_recipe_urls_checks_and_hashes(tokenizer):
     r.rollout.urls, r.rollout.base_url = ["http://a", "http://a"], ""
     with pytest.raises(RmxError, match="lists a server twice"):
         OpenAIEngine.from_recipe(r, tokenizer)
+
+
+@pytest.mark.slow
+def test_two_llama_cpp_servers_equal_one_and_survive_a_kill():
+    """Two real llama.cpp servers (benchmarks/endpoints.py): the same completions as one, token for token, with and
+    without the second server SIGKILLed mid-call."""
+    pytest.importorskip("llama_cpp.server.app", exc_type=ImportError)
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "endpoints.py"
+    spec = importlib.util.spec_from_file_location("endpoints_bench", path)
+    bench = sys.modules["endpoints_bench"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["row"]: r for r in bench.run_rows(prompts=4, n=4, max_tokens=32, log=lambda s: None)}
+    assert all(r["same"] for r in rows.values()), {k: r["differ"] for k, r in rows.items()}
+    assert min(rows["2 servers"]["used"]) >= 4  # both servers took a share
+    killed = rows["2 servers, 2nd killed"]
+    assert killed["down"][1] >= 1 and killed["down"][0] == 0 and killed["tokens"] == rows["1 server"]["tokens"]

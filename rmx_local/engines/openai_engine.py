@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 from urllib.request import Request, urlopen
@@ -298,11 +298,13 @@ def _describe(e: Exception | None) -> str:
 
 
 @contextlib.contextmanager
-def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startup_s: float = 120.0) -> Iterator[str]:
+def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startup_s: float = 120.0,
+                     on_start: Callable[[subprocess.Popen], None] | None = None, extra: tuple[str, ...] = ()) -> Iterator[str]:
     """Run llama-cpp-python's OpenAI server on a free 127.0.0.1 port for the block and yield its base URL.
 
     For tests and benchmarks (needs `pip install "llama-cpp-python[server]"`). Threads default to all cores
     (the server's own default is half); per-token logits are off (the server's default keeps them all).
+    `on_start` gets the server's process once it answers (tests kill it with it); `extra`: more server flags.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -310,7 +312,7 @@ def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startu
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path, "--host", "127.0.0.1", "--port", str(port),
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
-           "--logits_all", "False", "--verbose", "False"]
+           "--logits_all", "False", "--verbose", "False", *extra]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -327,6 +329,8 @@ def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startu
                     raise RmxError(f"llama_cpp.server did not start within {startup_s:.0f}s: {tail}",
                                    fix='pip install "llama-cpp-python[server]"')
                 time.sleep(0.25)
+            if on_start is not None:
+                on_start(proc)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
             proc.terminate()
