@@ -56,10 +56,11 @@ def _recipe_path(name: str) -> Path:
 def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> None:
     """Run the whole pipeline for RECIPE (a path or a bundled name), with key=value OVERRIDES."""
     from rmx_local.run_view import header_rows, next_steps, print_rows
-    from rmx_local.ui import UI
+    from rmx_local import distributed as dist
+    from rmx_local.ui import UI, SilentUI
 
     r = load_recipe(_recipe_path(recipe), list(overrides))
-    ui = UI(rich=False if plain else None)
+    ui = UI(rich=False if plain else None) if dist.is_main() else SilentUI()
     if dry_run:
         from rmx_local.model_check import check_model_source
 
@@ -77,6 +78,8 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
     from rmx_local.pipeline import run_pipeline
 
     summary = run_pipeline(r, ui)
+    if not dist.is_main():  # torchrun: rank 0 reports and writes the report
+        return
     print_summary(ui, summary)
     report = None
     if r.report:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rmx_local import __version__
+from rmx_local import distributed as dist
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.archs import ARCHS
 from rmx_local.io import atomic_write_json, atomic_write_text, read_json
@@ -53,7 +54,9 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     repeats it, sampling from the previous round's adapted model (rounds.py); `sweep.enabled` trains several
     variants on one set of rollouts and keeps the best on validation (sweep.py)."""
     ui = ui or UI()
-    with run_lock(recipe.run_dir, ui.line):
+    dist.init()  # torchrun / accelerate launch: one process per device (rmx_local/distributed.py)
+    dist.check_supported(recipe)
+    with dist.run_lock(recipe.run_dir, ui.line):
         check_model_source(recipe.model)  # before any stage: an unusable model is one line
         if recipe.sweep.enabled:
             from rmx_local.sweep import run_sweep
@@ -73,7 +76,8 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
     ctx = RunContext(recipe, run_dir, ui, start_adapter=start_adapter, round_no=round_no)
     t_start, cpu_start = time.time(), time.process_time()
 
-    config = Path(ctx.source.hf_path) / "config.json"  # a missing or unknown model fails here, before any work
+    dist.main_first(lambda: ctx.source)  # a missing or unknown model fails here, before any work (a GGUF: converted once)
+    config = Path(ctx.source.hf_path) / "config.json"
     model_type = read_json(config).get("model_type", "") if config.is_file() else ""
     if model_type and model_type not in ARCHS:
         ui.line(f"model: {model_type} is not in rmx_local/archs.py: this run trains and exports PEFT; the gguf, mlx "
@@ -83,9 +87,10 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
 
         for fmt, (why, fix) in check_exportable(recipe.export.formats, ctx.source.hf_path, ctx.source.gguf_path).items():
             ui.line(f"export: {fmt} will be skipped: {why} (fix: {fix})")  # explicit formats are refused here
-    splits = split_problems(ctx)
-    rollouts = run_rollouts(ctx, splits["train"])
-    selected = run_select(ctx, splits["train"], rollouts)
+    # under torchrun, stages that are not data-parallel run on rank 0; the other ranks then read its outputs
+    splits = dist.main_first(lambda: split_problems(ctx))
+    rollouts = dist.main_first(lambda: run_rollouts(ctx, splits["train"]))
+    selected = dist.main_first(lambda: run_select(ctx, splits["train"], rollouts))
     s = selected["stats"]
     ui.line(f"select: accuracy {s['accuracy']:.3f} over {s['rollouts']} rollouts, unparseable {s['unparseable']:.3f}; "
             f"{s['mixed']} mixed problems ({s['all_right']} all right, {s['all_wrong']} all wrong); "
@@ -96,7 +101,7 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
     eval_key = recipe.section_hash("model", "task", "eval", "seed")
     base_eval = None
     if splits["eval"]:
-        base_eval = cached_eval(ctx, splits["eval"], "base", eval_key)
+        base_eval = dist.main_first(lambda: cached_eval(ctx, splits["eval"], "base", eval_key))
     selection = splits["val"] or (splits["train"] if recipe.train.select_on_train else [])
     report = run_train(ctx, examples, selection)
     adapter = load_peft(ctx.path("train", report["key"], f"step-{report['best_step']}", "adapter"))
@@ -104,10 +109,13 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
 
     adapted_eval = None
     if splits["eval"]:
-        if not ctx.path("eval", f"adapted-{report['key']}-{eval_key}.json").exists():
-            ctx.backend.set_adapter(adapter)
-            ctx.backend.set_adapter_enabled(True)
-        adapted_eval = cached_eval(ctx, splits["eval"], "adapted", f"{report['key']}-{eval_key}")
+        def adapted() -> dict:
+            if not ctx.path("eval", f"adapted-{report['key']}-{eval_key}.json").exists():
+                ctx.backend.set_adapter(adapter)
+                ctx.backend.set_adapter_enabled(True)
+            return cached_eval(ctx, splits["eval"], "adapted", f"{report['key']}-{eval_key}")
+
+        adapted_eval = dist.main_first(adapted)
 
     table = summarize(base_eval, adapted_eval) if base_eval else {}
     data_hash = hashlib.sha256(json.dumps([(x["id"], x["k"], x["completion_ids"]) for x in seqs]).encode()).hexdigest()[:16]
@@ -115,11 +123,6 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
                 "model": recipe.model, "backend": getattr(ctx._backend, "name", recipe.backend),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     # the run's own results are replaced together, at the end: a failed or killed rerun leaves the last ones
-    ui.line(f"save: adapter (step {report['best_step']}), recipe.toml, gate.json, manifest.json, summary.json")
-    save_peft(adapter, run_dir / "adapter")
-    atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
-    atomic_write_json(run_dir / "gate.json", gate_report)
-    atomic_write_json(run_dir / "manifest.json", manifest)
     summary = {
         "recipe_hash": manifest["recipe_hash"], "model": recipe.model, "selection": s, "gate": gate_report,
         "gated_fraction": gate_report["gated_fraction"], "tau": gate_report["tau"],
@@ -129,6 +132,13 @@ def run_round(recipe: Recipe, ui: UI, start_adapter=None, round_no: int = 1) -> 
         "total_s": time.time() - t_start, "cpu_timings_s": ctx.cpu_timings, "total_cpu_s": time.process_time() - cpu_start,
         "peak_rss_mb": peak_rss_mb(),
     }
+    if not dist.is_main():  # under torchrun rank 0 alone writes the run folder
+        return summary
+    ui.line(f"save: adapter (step {report['best_step']}), recipe.toml, gate.json, manifest.json, summary.json")
+    save_peft(adapter, run_dir / "adapter")
+    atomic_write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+    atomic_write_json(run_dir / "gate.json", gate_report)
+    atomic_write_json(run_dir / "manifest.json", manifest)
     atomic_write_json(run_dir / "summary.json", summary)
     if recipe.export.formats:
         from rmx_local.export import export_run

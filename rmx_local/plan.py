@@ -32,6 +32,7 @@ from pathlib import Path
 
 from rmx_local.archs import Shape
 from rmx_local.backends.torch_backend import ACTIVATION_BUDGET_BYTES, saved_floats
+from rmx_local.distributed import PARALLEL_STAGES, world
 from rmx_local.recipe import Recipe
 
 RUNTIME_MB = 400  # python + torch + transformers + tokenizer, resident before the weights (measured: 370-400)
@@ -255,6 +256,14 @@ def verdict(stages: list[Stage], memory: int) -> str | None:
             f"lower {worst.knob}")
 
 
+def per_rank(stages: list[Stage], ranks: int) -> list[float]:
+    """Each stage's seconds under torchrun with `ranks` processes, one device each: the data-parallel stages'
+    work split evenly (`distributed.PARALLEL_STAGES`), the rest on rank 0 while the others wait. Memory per rank
+    is the one-process peak (every rank holds the whole model). Shortcut: communication is not counted (one
+    all-reduce of the LoRA gradients per step, one gather of entropies per batch round)."""
+    return [s.seconds / ranks if s.name in PARALLEL_STAGES else s.seconds for s in stages]
+
+
 def print_plan(r: Recipe, ui) -> None:
     """The estimate table, or one line saying why there is none (the dry run itself still succeeds)."""
     from rmx_local.errors import RmxError
@@ -270,8 +279,15 @@ def print_plan(r: Recipe, ui) -> None:
     basis = "measured from the run folder" if f["completion_measured"] else f"assumed {ASSUMED_COMPLETION:.0%} of max_tokens"
     rows = [[s.name, f"{s.peak_bytes / 2**30:.2f}", _duration(s.seconds)] for s in stages]
     rows.append(["whole run", f"{max(s.peak_bytes for s in stages) / 2**30:.2f}", _duration(sum(s.seconds for s in stages))])
+    columns = ["stage", "peak GB", "time"]
+    ranks = world()
+    if ranks > 1:  # `WORLD_SIZE=N rmx-local run R --dry-run`, or the dry run under torchrun
+        times = per_rank(stages, ranks)
+        for row, t in zip(rows, times + [sum(times)]):
+            row.append(_duration(t))
+        columns.append(f"time, {ranks} ranks")
     ui.table(f"estimate: {f['params'] / 1e6:,.0f}M parameters, {f['device']} {f['dtype']}, {m.memory / 2**30:.0f} GB {where}",
-             ["stage", "peak GB", "time"], rows)
+             columns, rows)
     ui.line(f"basis: this machine {m.flops / 1e9:,.0f} GFLOP/s (matmul), {m.bandwidth / 1e9:,.1f} GB/s; prompts ~{f['prompt_tokens']} "
             f"tokens; completions ~{f['completion_tokens']:.0f} tokens ({basis}); every training problem assumed mixed")
     warning = verdict(stages, m.memory)

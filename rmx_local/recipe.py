@@ -95,9 +95,11 @@ class RolloutConfig:
     max_tokens: int = ranged(512, "[1, inf)")  # completion token limit per rollout
     batch_size: int = ranged(64, "[1, inf)")  # sequences decoded together
     base_url: str = ""  # openai engine
+    # openai engine: several servers (e.g. vLLM replicas, llama.cpp servers); problems shared out, a failed one skipped
+    urls: list[str] = field(default_factory=list)
     api_model: str = ""  # openai engine: model name on the server
     api_key_env: str = "OPENAI_API_KEY"  # openai engine: variable holding the bearer key (unset is fine locally)
-    concurrency: int = ranged(8, "[1, inf)")  # openai engine: requests in flight
+    concurrency: int = ranged(8, "[1, inf)")  # openai engine: requests in flight per server
     timeout_s: float = ranged(120.0, "(0, inf)")  # openai engine: seconds per socket operation of one request
     # openai engine: retries of connection errors, timeouts, 429 and 5xx, with exponential backoff
     retries: int = ranged(4, "[0, inf)")
@@ -231,14 +233,24 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
-        """Hash of the named top-level fields/sections: a stage's output is valid while these are unchanged."""
+        """Hash of the named top-level fields/sections: a stage's output is valid while these are unchanged.
+
+        The `[rollout]` fields that say where requests go and how they travel (`TRANSPORT_FIELDS`) are hashed at their
+        defaults (`urls` left out), so rollouts resume whichever and however many servers sample them, and hashes
+        equal earlier versions' for recipes that kept those defaults."""
         d = self.to_dict()
+        if "rollout" in d:
+            defaults = dataclasses.asdict(RolloutConfig())
+            d["rollout"].update({k: defaults[k] for k in TRANSPORT_FIELDS})
+            d["rollout"].pop("urls")
         blob = json.dumps({n: d[n] for n in names}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def hash(self) -> str:
         return self.section_hash(*self.to_dict().keys())
 
+
+TRANSPORT_FIELDS = ("urls", "base_url", "concurrency", "timeout_s", "retries", "api_key_env")  # not what is sampled
 
 CHOICES = {
     "backend": {"torch", "mlx", "auto"},

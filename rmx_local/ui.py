@@ -96,3 +96,19 @@ class UI:
             if self.progress is not None:
                 self.progress.stop()
                 self.progress = None
+
+
+class SilentUI(UI):
+    """Prints nothing: the UI of torchrun ranks other than 0 (rank 0 tells the story once)."""
+
+    def __init__(self):
+        super().__init__(rich=False)
+
+    def line(self, text: str) -> None:
+        pass
+
+    def panel(self, title: str, body: str) -> None:
+        pass
+
+    def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
+        pass

@@ -67,6 +67,24 @@ n_samples = 0
 """
 
 
+def tiny_world(root, *recipe_lines: str):
+    """`save_digit_model` at root/model, 10 JSONL problems and root/tiny.toml (`tiny_recipe`, 6 training problems,
+    entropy batches of 4, grad_accum 3, lr 0.01, one thread; `recipe_lines` are added under [train]); returns the
+    recipe's path. For the data-parallel checks (tests/test_distributed.py, benchmarks/distributed.py)."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    save_digit_model(root / "model")
+    data = root / "problems.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Question number {i}?", "answer": str(1 + i % 2)}) + "\n"
+                            for i in range(10)))
+    recipe = root / "tiny.toml"
+    train = "\n".join(["grad_accum = 3", "lr = 0.01", *recipe_lines])  # odd: one of two ranks takes two micro-batches
+    recipe.write_text(tiny_recipe(root / "model", data, gate_batch=4, threads=1).replace("grad_accum = 2", train))
+    return recipe
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """A finished pipeline run on a tiny random model (3 problems x 2 rollouts; alternate rollouts graded right)."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rmx_local import distributed as dist
 from rmx_local.adapter import PEFT_PREFIX, LoraAdapter, model_facts
 from rmx_local.archs import lora_targets
 from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions
@@ -87,7 +88,7 @@ class TorchBackend:
         hf_logging.disable_progress_bar()  # our own progress bars and line logs are enough
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
-        device = pick_device(recipe.device)
+        device = dist.device(pick_device(recipe.device))  # under torchrun: this rank's GPU
         dtype = pick_dtype(recipe.dtype, device)
         note(f"loading {source.hf_path} on {device} ({str(dtype).removeprefix('torch.')})")
         try:

@@ -1,8 +1,9 @@
 """Rollouts from any OpenAI-compatible `/v1/completions` server: vLLM, llama.cpp's servers, hosted APIs.
 
-Recipe (`[rollout]`): engine = "openai", base_url (".../v1"; a bare "http://host:port" gets "/v1" added),
-api_model (default: the recipe's `model`), api_key_env (the variable holding a bearer key; unset is fine for
-local servers), concurrency (requests in flight), timeout_s (per socket operation of one request), retries.
+Recipe (`[rollout]`): engine = "openai", base_url (".../v1"; a bare "http://host:port" gets "/v1" added) or
+urls = [several such URLs] (engines/endpoints.py: requests shared out, a failed server skipped), api_model (default:
+the recipe's `model`), api_key_env (the variable holding a bearer key; unset is fine for local servers),
+concurrency (requests in flight per server), timeout_s (per socket operation of one request), retries.
 
 What is sent per request: the chat-templated prompt *text*, max_tokens, temperature, top_p, seed, stop = the
 training tokenizer's EOS text, `n` when several completions are wanted, and a few optional fields that make
@@ -17,7 +18,10 @@ with the training tokenizer (`add_special_tokens=False`).
 
 Failures: connection errors, timeouts, HTTP 429 and 5xx are retried `retries` times with exponential backoff
 (Retry-After honoured, capped at 60 s); then, or at once for other HTTP errors, one `RmxError` names the URL and
-the fix. Nothing partial is returned: the call raises and the caller's journal keeps what finished before.
+the fix. With several servers, a server that refuses connections (while another is live) or exhausts its retries
+is marked down and the request goes to another one; the call fails only when all are down. The fleet is treated
+as one server for the fallbacks below (one server refusing the optional fields or `n` drops them for all).
+Nothing partial is returned: the call raises and the caller's journal keeps what finished before.
 
 vLLM (one or several GPUs), e.g. on a GPU box:
     vllm serve Qwen/Qwen2.5-1.5B-Instruct --generation-config vllm --tensor-parallel-size 2
@@ -47,13 +51,14 @@ import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
 from rmx_local.backends import Progress, SampleParams
 from rmx_local.engines import derive_seed, eos_texts, retokenize
+from rmx_local.engines.endpoints import Endpoint, Fleet
 from rmx_local.errors import RmxError
 
 # llama.cpp servers: plain sampling (their defaults are top_k 40, min_p 0.05, repeat_penalty 1.1);
@@ -65,9 +70,17 @@ MAX_BACKOFF_S = 60.0
 class _Refused(Exception):
     """A non-retryable HTTP answer (4xx other than 429)."""
 
-    def __init__(self, code: int, body: str):
+    def __init__(self, code: int, body: str, url: str = ""):
         super().__init__(f"HTTP {code}: {body}")
-        self.code, self.body = code, body
+        self.code, self.body, self.url = code, body, url
+
+
+class _Down(Exception):
+    """One server gave up (retries exhausted, or a refused connection while another server is live)."""
+
+    def __init__(self, cause: Exception | None):
+        super().__init__(_describe(cause))
+        self.cause = cause
 
 
 def completions_url(base_url: str) -> str:
@@ -83,9 +96,10 @@ def completions_url(base_url: str) -> str:
 class OpenAIEngine:
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, tokenizer: Any, api_key: str | None = None, concurrency: int = 8,
+    def __init__(self, base_url: str | list[str], model: str, tokenizer: Any, api_key: str | None = None, concurrency: int = 8,
                  timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 1.0, api_key_env: str = "OPENAI_API_KEY"):
-        self.url = completions_url(base_url)
+        self.fleet = Fleet([completions_url(u) for u in ([base_url] if isinstance(base_url, str) else base_url)])
+        self.url = ", ".join(e.url for e in self.fleet.endpoints)
         self.model, self.tokenizer, self.api_key, self.api_key_env = model, tokenizer, api_key, api_key_env
         self.concurrency, self.timeout_s = max(1, concurrency), timeout_s
         self.retries, self.backoff_s = max(0, retries), backoff_s
@@ -97,10 +111,15 @@ class OpenAIEngine:
     @classmethod
     def from_recipe(cls, recipe: Any, tokenizer: Any) -> "OpenAIEngine":
         r = recipe.rollout
-        if not r.base_url:
-            raise RmxError('rollout.engine = "openai" needs rollout.base_url', fix='set base_url = "http://127.0.0.1:8000/v1" under [rollout]')
+        if r.base_url and r.urls:
+            raise RmxError("rollout: both base_url and urls are set", fix="list every server in rollout.urls and remove base_url")
+        if not (r.base_url or r.urls):
+            raise RmxError('rollout.engine = "openai" needs rollout.base_url', fix='set base_url = "http://127.0.0.1:8000/v1" under [rollout]'
+                           ' (or urls = [...] for several servers)')
+        if len(set(r.urls)) < len(r.urls):
+            raise RmxError(f"rollout.urls lists a server twice: {r.urls}", fix="list each server once (raise rollout.concurrency instead)")
         key = os.environ.get(r.api_key_env) if r.api_key_env else None
-        return cls(r.base_url, r.api_model or recipe.model, tokenizer, key, r.concurrency, r.timeout_s, r.retries,
+        return cls(r.urls or r.base_url, r.api_model or recipe.model, tokenizer, key, r.concurrency, r.timeout_s, r.retries,
                    api_key_env=r.api_key_env)
 
     # ---- sampling ---------------------------------------------------------------------------------
@@ -109,7 +128,7 @@ class OpenAIEngine:
         greedy = params.temperature == 0
         n = 1 if greedy else params.n
         results: list[list[list[int] | None]] = [[None] * n for _ in prompts]
-        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        pool = ThreadPoolExecutor(max_workers=self.concurrency * len(self.fleet))
         jobs: dict[Future, tuple[int, int, int]] = {}
         abort = threading.Event()  # set when the call fails: in-flight requests stop retrying
 
@@ -157,7 +176,7 @@ class OpenAIEngine:
             data = self._post({**body, **extras}, abort)
         except _Refused as e:
             if not extras or e.code not in (400, 422):
-                raise self._error(f"refused the request ({e})", e) from None
+                raise self._error(f"refused the request ({e})", e, e.url) from None
             self.optional, self.send_n = {}, False  # retry plainly, once; later requests stay plain
             data = self._post(body, abort)
         choices = data.get("choices") if isinstance(data, dict) else None
@@ -181,45 +200,65 @@ class OpenAIEngine:
                 return ids
         return retokenize(self.tokenizer, text)
 
-    # ---- HTTP with retries ------------------------------------------------------------------------
+    # ---- HTTP with retries and failover --------------------------------------------------------------
     def _post(self, body: dict, abort: threading.Event | None = None) -> Any:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        avoid: Endpoint | None = None
+        cause: Exception | None = None
+        while True:
+            endpoint = self.fleet.acquire(avoid)
+            if endpoint is None:  # every server is down
+                raise self._error(f"failed: {self.fleet.describe()}", cause, f"all {len(self.fleet)} servers")
+            try:
+                return self._post_to(endpoint, data, headers, abort)
+            except _Down as e:
+                if len(self.fleet) == 1:
+                    raise self._error(f"failed after {self.retries + 1} attempts ({e})", e.cause, endpoint.url) from None
+                self.fleet.mark_down(endpoint, str(e))
+                cause, avoid = e.cause, endpoint
+            finally:
+                self.fleet.release(endpoint)
+
+    def _post_to(self, endpoint: Endpoint, data: bytes, headers: dict, abort: threading.Event | None) -> Any:
+        """One server, `retries` retries with backoff; `_Down` when it gives up."""
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if abort is not None and abort.is_set():
-                raise RmxError(f"rollout engine openai: {self.url}: request abandoned, another one failed")
+                raise RmxError(f"rollout engine openai: {endpoint.url}: request abandoned, another one failed")
             self.requests += 1
             delay = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S) * random.uniform(1.0, 1.2)
             try:
-                with urlopen(Request(self.url, data=data, headers=headers, method="POST"), timeout=self.timeout_s) as resp:
+                with urlopen(Request(endpoint.url, data=data, headers=headers, method="POST"), timeout=self.timeout_s) as resp:
                     raw = resp.read()
             except HTTPError as e:
                 text = e.read().decode("utf-8", "replace")[:300].strip()
                 if e.code != 429 and e.code < 500:
-                    raise _Refused(e.code, text) from None
+                    raise _Refused(e.code, text, endpoint.url) from None
                 last = e
                 after = e.headers.get("Retry-After") if e.headers else None
                 if after and after.strip().replace(".", "", 1).isdigit():
                     delay = min(float(after), MAX_BACKOFF_S)
             except (URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timeout, truncated
                 last = e
+                if _is_refused(e) and self.fleet.others_live(endpoint):
+                    raise _Down(e) from None  # nobody listens there: go elsewhere now, not after the backoffs
             else:
                 try:
                     return json.loads(raw)
                 except ValueError:
-                    raise RmxError(f"rollout engine openai: {self.url} answered with something that is not JSON: {raw[:120]!r}",
+                    raise RmxError(f"rollout engine openai: {endpoint.url} answered with something that is not JSON: {raw[:120]!r}",
                                    fix="point rollout.base_url at an OpenAI-compatible server's /v1") from None
             if attempt < self.retries:
                 if abort is not None:
                     abort.wait(delay)
                 else:
                     time.sleep(delay)
-        raise self._error(f"failed after {self.retries + 1} attempts ({_describe(last)})", last)
+        raise _Down(last)
 
-    def _error(self, what: str, e: Exception | None) -> RmxError:
+    def _error(self, what: str, e: Exception | None, url: str | None = None) -> RmxError:
         code = getattr(e, "code", None)
         if code in (401, 403):
             fix = f"put a valid API key in ${self.api_key_env} (rollout.api_key_env)"
@@ -236,7 +275,13 @@ class OpenAIEngine:
         else:
             fix = ("start the server (e.g. `python -m llama_cpp.server --model MODEL.gguf --port 8000`, or `vllm serve MODEL`)"
                    " or correct rollout.base_url")
-        return RmxError(f"rollout engine openai: {self.url} {what}", fix=fix)
+        return RmxError(f"rollout engine openai: {url or self.url} {what}", fix=fix)
+
+
+def _is_refused(e: Exception | None) -> bool:
+    """Nobody listens (or the connection was reset): a server that is down, not one that is slow."""
+    reason = getattr(e, "reason", e)
+    return isinstance(reason, (ConnectionRefusedError, ConnectionResetError))
 
 
 def _is_timeout(e: Exception | None) -> bool:
@@ -253,11 +298,13 @@ def _describe(e: Exception | None) -> str:
 
 
 @contextlib.contextmanager
-def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startup_s: float = 120.0) -> Iterator[str]:
+def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startup_s: float = 120.0,
+                     on_start: Callable[[subprocess.Popen], None] | None = None, extra: tuple[str, ...] = ()) -> Iterator[str]:
     """Run llama-cpp-python's OpenAI server on a free 127.0.0.1 port for the block and yield its base URL.
 
     For tests and benchmarks (needs `pip install "llama-cpp-python[server]"`). Threads default to all cores
     (the server's own default is half); per-token logits are off (the server's default keeps them all).
+    `on_start` gets the server's process once it answers (tests kill it with it); `extra`: more server flags.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,7 +312,7 @@ def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startu
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path, "--host", "127.0.0.1", "--port", str(port),
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
-           "--logits_all", "False", "--verbose", "False"]
+           "--logits_all", "False", "--verbose", "False", *extra]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -282,6 +329,8 @@ def llama_cpp_server(gguf_path: str, threads: int = 0, n_ctx: int = 2048, startu
                     raise RmxError(f"llama_cpp.server did not start within {startup_s:.0f}s: {tail}",
                                    fix='pip install "llama-cpp-python[server]"')
                 time.sleep(0.25)
+            if on_start is not None:
+                on_start(proc)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
             proc.terminate()

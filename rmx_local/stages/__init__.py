@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rmx_local import distributed as dist
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_write_json, read_json
 from rmx_local.models import ModelSource, resolve_model
@@ -75,7 +76,8 @@ class RunContext:
             if old != key and any(self.path(o).exists() for o in outputs):
                 raise RmxError(f"{self.run_dir}: existing {stage} outputs were made with different recipe settings",
                                fix=f"use a new run_dir, or delete {', '.join(outputs)} in it to redo {stage}")
-        atomic_write_json(meta, {"key": key})
+        if dist.is_main():  # under torchrun the other ranks only read the folder
+            atomic_write_json(meta, {"key": key})
 
     @contextlib.contextmanager
     def timed(self, stage: str):

@@ -4,7 +4,7 @@ H_t is the full-vocabulary entropy (nats, fp32) of the base model's distribution
 scored with the adapter off. Entropies are journaled per sequence in `entropies.jsonl` (resumable), scored in
 fixed batches of `gate.batch_size` consecutive sequences: a batch a killed run cut short is scored whole again
 (only its missing sequences journaled), so every entropy comes from the same packed forward as in an
-uninterrupted run.
+uninterrupted run. Under torchrun the batches are dealt to the ranks, rank 0 journals (rmx_local/distributed.py).
 The gate D = {t : H_t > tau}; with `gate.mode = "fraction"` tau is the (1 - fraction) quantile of all
 completion-token entropies of the training set, and the implied tau is reported. Small models are far less
 certain than the paper's (SmolLM2-135M: the paper's tau = 1.4 gates ~50% of tokens), hence the default.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rmx_local import distributed as dist
 from rmx_local.io import Journal
 from rmx_local.recipe import PAPER_TAU
 from rmx_local.stages import RunContext
@@ -37,24 +38,33 @@ from rmx_local.stages import RunContext
 def run_entropies(ctx: RunContext, seqs: list[dict]) -> list[np.ndarray]:
     ctx.check_stage_key("entropies", ctx.recipe.section_hash("model", "task", "rollout", "select", "seed"), ["entropies.jsonl"])
     journal = Journal(ctx.path("entropies.jsonl"))
-    done = {(r["id"], r["k"]): np.asarray(r["H"], dtype=np.float32) for r in journal.read()}
+    done = {(r["id"], r["k"]): np.asarray(r["H"], dtype=np.float32) for r in dist.from_main(journal.read)}
     batch = ctx.recipe.gate.batch_size
     starts = [i for i in range(0, len(seqs), batch) if any((s["id"], s["k"]) not in done for s in seqs[i : i + batch])]
     if starts:
         todo = sum((s["id"], s["k"]) not in done for s in seqs)
         with ctx.timed("entropy"), ctx.ui.stage("entropy", len(seqs), "sequences") as bar:
             bar.advance(len(seqs) - todo)
-            for start in starts:
-                chunk = seqs[start : start + batch]
-                pairs = [(s["prompt_ids"] + s["completion_ids"], len(s["prompt_ids"])) for s in chunk]
-                for s, h in zip(chunk, ctx.backend.entropies(pairs)):
-                    if (s["id"], s["k"]) not in done:
-                        rec = {"id": s["id"], "k": s["k"], "H": [round(float(x), 5) for x in h]}
-                        journal.append(rec)
-                        done[(s["id"], s["k"])] = np.asarray(rec["H"], dtype=np.float32)  # as a resumed run reads it
-                bar.advance(len(chunk), sum(len(t) for t, _ in pairs))
+            for round_starts in dist.rounds(starts):  # one batch per rank at a time (one process: one batch)
+                mine = round_starts[dist.rank()] if dist.rank() < len(round_starts) else None
+                scored = dist.gather(None if mine is None else _score(ctx, seqs[mine : mine + batch]))
+                for start, hs in zip(round_starts, scored):
+                    chunk = seqs[start : start + batch]
+                    for s, h in zip(chunk, hs):
+                        if (s["id"], s["k"]) not in done:
+                            rec = {"id": s["id"], "k": s["k"], "H": h}
+                            if dist.is_main():
+                                journal.append(rec)
+                            done[(s["id"], s["k"])] = np.asarray(rec["H"], dtype=np.float32)  # as a resumed run reads it
+                    bar.advance(len(chunk), sum(len(s["prompt_ids"]) + len(s["completion_ids"]) for s in chunk))
             ctx.rates["entropy tok/s"] = bar.tokens_per_s
     return [done[(s["id"], s["k"])] for s in seqs]
+
+
+def _score(ctx: RunContext, chunk: list[dict]) -> list[list[float]]:
+    """Entropies of one batch in one packed forward, rounded as the journal stores them."""
+    pairs = [(s["prompt_ids"] + s["completion_ids"], len(s["prompt_ids"])) for s in chunk]
+    return [[round(float(x), 5) for x in h] for h in ctx.backend.entropies(pairs)]
 
 
 def shared_context(seqs: list[dict]) -> list[np.ndarray]:

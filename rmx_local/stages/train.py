@@ -9,6 +9,8 @@ validation problems (`task.val_size`; or, with `select_on_train`, the training p
 checkpoint is scored greedily on them and the best one is kept (ties go to the earlier step), as the paper
 does; otherwise the last checkpoint is kept.
 `<key>` hashes every setting training depends on, so an `lr` sweep in one run folder reuses the rollouts.
+Under torchrun each step's micro-batches are dealt to the ranks and their gradients summed before the step, so the
+update is one process's; rank 0 writes the log and checkpoints (rmx_local/distributed.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 
 import numpy as np
 
+from rmx_local import distributed as dist
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.backends import SampleParams, TrainExample
 from rmx_local.errors import RmxError
@@ -76,7 +79,8 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
     final = folder / "final.json"
     if final.exists():
         report = read_json(final)
-        _keep_only(folder, report["best_step"])  # a run killed right after final.json left the others
+        if dist.is_main():
+            _keep_only(folder, report["best_step"])  # a run killed right after final.json left the others
         return report
     n_micro, n_steps = schedule(len(examples), t)
     batches = micro_batches(examples, n_micro, t.batch_size, r.seed, t.group_size)
@@ -88,6 +92,8 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
                         "architecture (fused projections)")
     else:  # a later round continues the previous round's LoRA (a fresh optimizer; see rmx_local/rounds.py)
         backend.set_adapter(ctx.start_adapter)
+    trainable = [p for g in backend.optimizer.param_groups for p in g["params"]] if dist.world() > 1 else []
+    dist.copy_from_main(trainable)  # every rank starts from rank 0's LoRA
     every = t.checkpoint_every or n_steps
     ckpt_steps = sorted({min(s, n_steps) for s in range(every, n_steps + every, every)})
     log = Journal(folder / "log.jsonl")
@@ -109,10 +115,11 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
         val_scores = {int(k): v for k, v in state.get("val_scores", {}).items()}
         ctx.ui.line(f"train: resuming from step {start}/{n_steps}")
     # steps after the checkpoint were logged by a killed run and are redone now: log each step once
-    log.rewrite([m for m in log.read() if m["step"] <= start])
+    if dist.is_main():
+        log.rewrite([m for m in log.read() if m["step"] <= start])
     if val_problems and 0 not in val:
         backend.set_adapter_enabled(False)
-        val_scores[0] = score(ctx, val_problems, val_params, "val base")["per_problem"]
+        val_scores[0] = dist.from_main(lambda: score(ctx, val_problems, val_params, "val base")["per_problem"])
         val[0] = float(np.mean(val_scores[0]))
         backend.set_adapter_enabled(True)
 
@@ -122,20 +129,26 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
             lr = lr_at(step, n_steps, t.warmup_steps, t.lr)
             metrics: dict[str, float] = {}
             group = batches[step * t.grad_accum : (step + 1) * t.grad_accum]
-            for mb in group:
+            for mb in dist.deal(group):  # one process: every micro-batch; torchrun: this rank's share
                 m = backend.accumulate(mb, kl_coef, t.negative_ce_cap, 1.0 / len(group))
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / len(group)
+            metrics = dist.sum_metrics(metrics)
+            dist.sum_grads(trainable)  # the global batch's gradient on every rank
             metrics["grad_norm"] = backend.step(lr, t.weight_decay, t.grad_clip)
             metrics.update(step=step + 1, lr=lr)
-            log.append(metrics)
+            if dist.is_main():
+                log.append(metrics)
             bar.advance(1, sum(len(e.tokens) for mb in group for e in mb))
             if step + 1 in ckpt_steps:
                 if val_problems:
-                    val_scores[step + 1] = score(ctx, val_problems, val_params, f"val step {step + 1}")["per_problem"]
+                    val_scores[step + 1] = dist.from_main(
+                        lambda: score(ctx, val_problems, val_params, f"val step {step + 1}")["per_problem"])
                     val[step + 1] = float(np.mean(val_scores[step + 1]))
                     ctx.ui.line(f"train: step {step + 1} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} val {val[step + 1]:.3f} (base {val[0]:.3f})")
-                _save_checkpoint(ctx, folder / f"step-{step + 1}", val, val_scores)
+                if dist.is_main():
+                    _save_checkpoint(ctx, folder / f"step-{step + 1}", val, val_scores)
+                dist.barrier()
         ctx.rates["train tok/s"] = bar.tokens_per_s
 
     trained = {s: v for s, v in val.items() if s > 0}
@@ -144,8 +157,10 @@ def run_train(ctx: RunContext, examples: list[TrainExample], val_problems: list)
               "val_scores": {s: val_scores[s] for s in (0, best) if s in val_scores},
               "history": Journal(folder / "log.jsonl").read()}
     backend.set_adapter(load_peft(folder / f"step-{best}" / "adapter"))
-    atomic_write_json(final, report)
-    _keep_only(folder, best)
+    if dist.is_main():
+        atomic_write_json(final, report)
+        _keep_only(folder, best)
+    dist.barrier()
     return report
 
 

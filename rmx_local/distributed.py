@@ -1,0 +1,216 @@
+"""Data parallelism across processes, one per device, under `torchrun` or `accelerate launch`.
+
+The launcher sets WORLD_SIZE / RANK / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT); `init()` then creates the
+process group (NCCL on CUDA, gloo otherwise). Without a launcher (WORLD_SIZE unset or 1) every helper here is the
+identity of one process, so a single-process run takes no new code path.
+
+What runs where:
+  entropy pass   the fixed `gate.batch_size` batches are dealt to the ranks in rounds of `world` batches
+                 (`rounds`); each round's results are gathered and rank 0 journals them. Every batch is the same
+                 packed forward one process runs, so the values are the same (on GPUs, up to kernel order).
+  training       each optimizer step's `grad_accum` micro-batches are dealt to the ranks (micro-batch j to rank
+                 j mod world, `deal`); every rank scales its losses by 1 / grad_accum exactly as one process does,
+                 and the LoRA gradients are summed across ranks before the step (`sum_tensors`: one flat
+                 all-reduce, what DDP does, without its wrapper: only the small LoRA tensors have gradients). The
+                 update is then one process's update with the same global batch, up to float summation order, and
+                 every rank holds the same LoRA and AdamW state: a checkpoint is one full state, written by rank 0,
+                 resumable with any number of ranks.
+  the rest       problems, rollouts, selection, evaluation and the final files run on rank 0 first
+                 (`main_first`); the other ranks wait, then find every output in the run folder and read it
+                 (each stage resumes from the folder), writing nothing. Rank 0 alone holds the folder lock
+                 (`run_lock`); the other ranks learn whether it got it.
+Shortcuts: one filesystem shared by all ranks (one host, or a shared mount); `train.lora_dropout` > 0 draws other
+masks per rank than one process; no FSDP (a model must fit one device); the MLX backend and `rounds` > 1 are
+single-process; a dead rank stops the job (torchrun's default) and the rerun resumes from rank 0's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, TypeVar
+
+from rmx_local.errors import RmxError
+
+T = TypeVar("T")
+PARALLEL_STAGES = ("entropy", "train")  # the stages whose work the ranks share (the planner divides their time)
+
+
+def world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", str(rank())) or 0)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def init() -> bool:
+    """Create the process group when launched with WORLD_SIZE > 1 (idempotent); True when distributed."""
+    if world() == 1:
+        return False
+    try:
+        dist = _dist()
+    except ImportError:
+        raise RmxError(f"WORLD_SIZE = {world()} needs PyTorch's torch.distributed", fix="pip install torch, or run one process") from None
+    if not dist.is_initialized():
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def check_supported(recipe: Any) -> None:
+    """What cannot run on several ranks, as one line each."""
+    if world() == 1:
+        return
+    from rmx_local.backends import pick_backend_name
+
+    if pick_backend_name(recipe.backend) != "torch":
+        raise RmxError(f"backend {recipe.backend!r} runs in one process only, and WORLD_SIZE = {world()}",
+                       fix='set backend = "torch", or launch one process (no torchrun)')
+    if recipe.rounds > 1:
+        raise RmxError(f"rounds = {recipe.rounds} runs in one process only, and WORLD_SIZE = {world()}",
+                       fix="set rounds = 1, or launch one process (no torchrun)")
+
+
+def device(name: str) -> str:
+    """This rank's device: "cuda" becomes "cuda:LOCAL_RANK" when distributed."""
+    return f"cuda:{local_rank()}" if name == "cuda" and world() > 1 else name
+
+
+def barrier() -> None:
+    if world() > 1:
+        _dist().barrier()
+
+
+def gather(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank (picklable objects)."""
+    if world() == 1:
+        return [obj]
+    out: list[Any] = [None] * world()
+    _dist().all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's `obj` on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` computed on rank 0 only, its result handed to every rank."""
+    return broadcast(fn() if is_main() else None)
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Rank 0 runs `fn` (and writes what it writes); then the others run it, finding rank 0's outputs to read."""
+    if world() == 1:
+        return fn()
+    if is_main():
+        out = fn()
+        barrier()
+        return out
+    barrier()
+    return fn()
+
+
+def deal(items: list[T]) -> list[T]:
+    """This rank's share of `items`: items rank, rank + world, ..."""
+    return items[rank() :: world()]
+
+
+def rounds(items: list[T]) -> list[list[T]]:
+    """`items` cut into consecutive rounds of `world` (item r of a round is rank r's)."""
+    n = world()
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def sum_tensors(tensors: list[Any]) -> None:
+    """Sum tensors across ranks in place, as one flat all-reduce (absent gradients count as zeros)."""
+    if world() == 1 or not tensors:
+        return
+    import torch
+
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    _dist().all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+
+
+def sum_grads(params: list[Any]) -> None:
+    """Sum the gradients of `params` across ranks (a rank that had no micro-batch this step contributes zeros)."""
+    if world() == 1:
+        return
+    import torch
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    sum_tensors([p.grad for p in params])
+
+
+def copy_from_main(tensors: list[Any]) -> None:
+    """Overwrite `tensors` on every rank with rank 0's (the LoRA init, so all ranks start from one state)."""
+    if world() == 1:
+        return
+    for t in tensors:
+        _dist().broadcast(t.data, src=0)
+
+
+def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Per-key sums of every rank's metrics (keys missing on a rank count as 0)."""
+    if world() == 1:
+        return metrics
+    out: dict[str, float] = {}
+    for m in gather(metrics):
+        for k, v in m.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Any, note: Callable[[str], None]) -> Iterator[None]:
+    """The run folder's lock, held by rank 0 for every rank: if rank 0 cannot take it, every rank stops."""
+    from rmx_local.lock import run_lock as folder_lock
+
+    if world() == 1:
+        with folder_lock(run_dir, note):
+            yield
+        return
+    if not is_main():
+        refused = broadcast(None)
+        if refused:
+            raise RmxError(refused[0], fix=refused[1])
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(run_dir, note))
+        except RmxError as e:
+            broadcast((e.message, e.fix))
+            raise
+        broadcast(None)
+        yield
