@@ -117,10 +117,10 @@ def test_planner_prints_time_per_rank(tmp_path, monkeypatch):
             pass
 
     save_digit_model(tmp_path / "model")
-    recipe = load_recipe(None, [f"model={json.dumps(str(tmp_path / 'model'))}", "threads=1"])
+    recipe = load_recipe(None, [f"model={json.dumps(str(tmp_path / 'model'))}", "threads=1", "train.epochs=20"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     ui = Capture()
     print_plan(recipe, ui)
-    assert ui.columns[-1] == "time, 2 ranks" and all(len(r) == 4 for r in ui.rows)
+    assert ui.columns[-1] == "time, 2 ranks" and all(len(r) == 4 for r in ui.rows), ui.rows
     row = {r[0]: r for r in ui.rows}
-    assert row["rollouts"][2] == row["rollouts"][3] and row["whole run"][3] != row["whole run"][2]
+    assert row["rollouts"][2] == row["rollouts"][3] and row["whole run"][3] != row["whole run"][2], ui.rows

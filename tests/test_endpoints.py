@@ -43,7 +43,8 @@ def test_a_dead_server_is_skipped_at_once(fake, tokenizer):
     assert engine.sample(PROMPTS, IDS, params(n=2)) == one
     assert time.monotonic() - start < 4.0  # no 5 s backoff: refused connections move on at once
     dead = engine.fleet.endpoints[0]
-    assert dead.failed == 1 and "not reachable" in dead.last_error and dead.in_flight == 0
+    # concurrency 2: both first requests may reach it before the first refusal marks it down
+    assert 1 <= dead.failed <= 2 and "not reachable" in dead.last_error and dead.in_flight == 0
     assert engine.fleet.endpoints[1].used == len(live.bodies) >= 12
 
 
@@ -67,7 +68,9 @@ def test_all_servers_down_is_one_error_naming_each(fake, tokenizer):
 
 def test_recipe_urls_checks_and_hashes(tokenizer):
     r = Recipe()
-    assert r.hash() == "19b65fb260e35d0e"  # what the version before `urls` wrote: old run folders still resume
+    # the stage keys the version before `urls` (and `[sweep]`) wrote: old run folders still resume
+    assert r.section_hash("model", "task", "rollout", "select", "gate", "train", "seed") == "9cb72354a700a0e1"
+    assert r.section_hash("model", "task", "rollout", "seed") == "422da66cc358755f"
     r.rollout.engine, r.rollout.urls = "openai", ["http://a:8000/v1", "http://b:8000"]
     engine = OpenAIEngine.from_recipe(r, tokenizer)
     assert [e.url for e in engine.fleet.endpoints] == ["http://a:8000/v1/completions", "http://b:8000/v1/completions"]
