@@ -252,6 +252,7 @@ class Recipe:
 
 TRANSPORT_FIELDS = ("urls", "base_url", "concurrency", "timeout_s", "retries", "api_key_env")  # not what is sampled
 
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF adapter tensor types, widest first
 CHOICES = {
     "backend": {"torch", "mlx", "auto"},
     "device": {"auto", "cpu", "cuda", "mps"},
@@ -264,7 +265,7 @@ CHOICES = {
     "gate.select": {"high", "low"},
     "gate.positives": {"gate", "all"},
     "train.objective": {"reasonmaxxer", "rft"},
-    "export.outtype": {"f32", "f16", "bf16", "q8_0"},
+    "export.outtype": set(GGUF_OUTTYPES),
 }
 EXPORT_FORMATS = ("gguf", "mlx", "peft", "ollama")  # and "all"; a comma list also works
 

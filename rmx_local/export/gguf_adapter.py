@@ -26,9 +26,9 @@ from rmx_local.archs import Arch, Shape, by_gguf, lookup
 from rmx_local.errors import RmxError
 from rmx_local.export.common import check_fits, permuted_heads, rope_permute
 from rmx_local.io import temp_path
-from rmx_local.recipe import CHOICES
+from rmx_local.recipe import GGUF_OUTTYPES
 
-OUTTYPES = tuple(sorted(CHOICES["export.outtype"], key=("f32", "f16", "bf16", "q8_0").index))
+OUTTYPES = GGUF_OUTTYPES
 EXTRA_KEY = "rmx_local.adapter"
 
 
