@@ -30,9 +30,14 @@ FORMATS = EXPORT_FORMATS
 GGUF_NAME = "adapter.gguf"
 
 
-def parse_formats(formats: list[str] | str) -> list[str]:
+def _format_names(formats: list[str] | str) -> list[str]:
+    """'gguf, MLX' or ["gguf", "mlx,peft"] -> the lower-case names as written."""
     items = [formats] if isinstance(formats, str) else list(formats)
-    names = [f.strip().lower() for item in items for f in item.split(",") if f.strip()]
+    return [f.strip().lower() for item in items for f in item.split(",") if f.strip()]
+
+
+def parse_formats(formats: list[str] | str) -> list[str]:
+    names = _format_names(formats)
     if "all" in names:
         return list(FORMATS)
     bad = [f for f in names if f not in FORMATS]
@@ -42,8 +47,7 @@ def parse_formats(formats: list[str] | str) -> list[str]:
 
 
 def wants_all(formats: list[str] | str) -> bool:
-    items = [formats] if isinstance(formats, str) else list(formats)
-    return any(f.strip().lower() == "all" for item in items for f in item.split(","))
+    return "all" in _format_names(formats)
 
 
 def unexportable(formats: list[str], model_type: str, base_gguf: str | None) -> dict[str, tuple[str, str]]:
