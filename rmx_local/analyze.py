@@ -22,6 +22,15 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from rmx_local.data import load_problems
+from rmx_local.io import read_json
+from rmx_local.model_check import check_model_source
+from rmx_local.scoring import DEFAULT_MAX_TOKENS, Prompt
+from rmx_local.targets import check_target_fits, resolve_target
+from rmx_local.tasks import encode_prompts
+from rmx_local.ui import UI
+from rmx_local.verify import verify_many
+
 TOP_K = 5  # reranked: the teacher's token is within the base's top 5
 CONTROL_TOP = 20  # the random control draws from the base's top 20
 UNSHIFTED, RERANKED, SHIFTED = 0, 1, 2
@@ -172,8 +181,6 @@ def run_tau(target) -> float | None:
     """The gate tau of the run that trained TEACHER (a run folder), else None."""
     from pathlib import Path
 
-    from rmx_local.io import read_json
-
     gate = Path(target.spec) / "gate.json"
     return float(read_json(gate)["tau"]) if target.kind == "run" and gate.is_file() else None
 
@@ -188,13 +195,6 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
     teacher run's template and instruction unless overridden), and completions are graded by `verify_many`, the
     grader of eval's scorer (its decode loop is not used: here every token is chosen by a policy)."""
     from rmx_local.analyze_torch import load_pair
-    from rmx_local.data import load_problems
-    from rmx_local.eval import DEFAULT_MAX_TOKENS, Prompt
-    from rmx_local.model_check import check_model_source
-    from rmx_local.targets import check_fits, resolve_target
-    from rmx_local.tasks import encode_prompts
-    from rmx_local.ui import UI
-    from rmx_local.verify import verify_many
 
     ui = ui or UI()
     problems = load_problems(data, limit=limit, seed=seed, warn=ui.line)
@@ -202,7 +202,7 @@ def analyze(base: str, teacher: str, data: str, limit: int | None = None, taus: 
     base = target.base_spec if base == "base" else base
     if target.adapter is not None:
         target.base_spec = base
-        check_fits(target)
+        check_target_fits(target)
     for spec in dict.fromkeys((base, target.base_spec)):  # before either model loads
         check_model_source(spec)
     prompt = Prompt(template or target.template or Prompt.template,

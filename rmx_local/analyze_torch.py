@@ -14,8 +14,11 @@ import contextlib
 import numpy as np
 import torch
 
+from rmx_local.backends import load_backend
 from rmx_local.backends.torch_sampling import _cache_io
 from rmx_local.errors import RmxError
+from rmx_local.models import resolve_model
+from rmx_local.recipe import Recipe
 
 
 class TorchPairStepper:
@@ -73,10 +76,6 @@ def load_pair(base_spec: str, target, device: str = "auto", note=lambda s: None)
     An adapter teacher (run, PEFT folder, GGUF adapter read back) shares the base's weights; a model teacher is
     loaded beside it and must share its vocabulary."""
     from transformers import AutoModelForCausalLM
-
-    from rmx_local.backends import load_backend
-    from rmx_local.models import resolve_model
-    from rmx_local.recipe import Recipe
 
     recipe = Recipe(model=base_spec, backend="torch", device=device, dtype="float32")
     backend = load_backend(recipe, resolve_model(base_spec), note)

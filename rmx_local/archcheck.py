@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from rmx_local.errors import RmxError
-from rmx_local.models import add_rope_theta, cache_root
+from rmx_local.export import read_gguf_adapter, write_gguf_adapter, write_mlx_adapter
+from rmx_local.export.check import llama_cpp_logits, logit_agreement, mlx_logits, peft_logits, random_adapter
+from rmx_local.export.ollama import write_ollama
+from rmx_local.models import add_rope_theta, cache_root, embedded_gguf
 from rmx_local.tiny import char_tokenizer
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -91,8 +94,6 @@ def tiny_model(model_type: str, root: Path | None = None) -> dict:
 
     root = root or cache_root() / "archcheck"
     if model_type in BPE_VOCAB:
-        from rmx_local.models import embedded_gguf
-
         gguf = embedded_gguf("smollm2-135m-instruct")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         vocab = len(tokenizer)
@@ -154,10 +155,6 @@ ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def check(model: dict, base_gguf: Path, work: Path, runtimes=("gguf", "mlx", "ollama"), targets=ALL_LINEARS,
           b_std: float = 0.2) -> dict:
     """One row of the matrix: agreement figures per runtime (or the runtime's own refusal, as text)."""
-    from rmx_local.export import read_gguf_adapter, write_gguf_adapter, write_mlx_adapter
-    from rmx_local.export.check import logit_agreement, llama_cpp_logits, mlx_logits, peft_logits, random_adapter
-    from rmx_local.export.ollama import write_ollama
-
     config = json.loads((model["hf"] / "config.json").read_text())
     adapter = random_adapter(config, model["model_type"], str(model["hf"]), rank=4, alpha=8.0, b_std=b_std,
                              targets=targets)

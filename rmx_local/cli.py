@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import click
 
+from rmx_local import distributed as dist
+from rmx_local.analyze import analyze as run_analysis, print_analysis
+from rmx_local.chat import chat_loop, generate as run_generate
+from rmx_local.doctor import doctor as run_doctor, healthy, print_doctor
 from rmx_local.errors import RmxError
+from rmx_local.eval import EvalOptions, print_report, run_eval
+from rmx_local.export import export_run
+from rmx_local.model_check import check_model_source
+from rmx_local.pipeline import run_pipeline
 from rmx_local.recipe import CHOICES, flag_check as field, load_recipe, recipe_to_toml
+from rmx_local.report import report_after_run, write_report
+from rmx_local.run_view import header_rows, next_steps, print_rows
+from rmx_local.show import show_run
+from rmx_local.sweep import print_sweep_plan
+from rmx_local.ui import UI, SilentUI
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -55,27 +70,18 @@ def _recipe_path(name: str) -> Path:
 @click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
 def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> None:
     """Run the whole pipeline for RECIPE (a path or a bundled name), with key=value OVERRIDES."""
-    from rmx_local.run_view import header_rows, next_steps, print_rows
-    from rmx_local import distributed as dist
-    from rmx_local.ui import UI, SilentUI
-
     r = load_recipe(_recipe_path(recipe), list(overrides))
     ui = UI(rich=False if plain else None) if dist.is_main() else SilentUI()
     if dry_run:
-        from rmx_local.model_check import check_model_source
-
         check_model_source(r.model)  # a plan for a model that cannot load is no plan (run checks it under its lock)
         ui.panel(f"rmx-local run {recipe} (recipe {r.hash()})", recipe_to_toml(r).strip())
         from rmx_local.plan import print_plan
 
         print_plan(r, ui)
         if r.sweep.enabled:
-            from rmx_local.sweep import print_sweep_plan
-
             print_sweep_plan(r, ui)
         return
     print_rows(ui, f"rmx-local run {recipe} (recipe {r.hash()})", header_rows(r))
-    from rmx_local.pipeline import run_pipeline
 
     summary = run_pipeline(r, ui)
     if not dist.is_main():  # torchrun: rank 0 reports and writes the report
@@ -83,8 +89,6 @@ def run(recipe: str, overrides: tuple[str, ...], dry_run: bool, plain: bool) -> 
     print_summary(ui, summary)
     report = None
     if r.report:
-        from rmx_local.report import report_after_run
-
         report = report_after_run(r.run_dir, ui.line)
     print_rows(ui, f"done in {summary['total_s']:.0f} s: where things are, what next", next_steps(r.run_dir, summary, report))
 
@@ -154,8 +158,6 @@ def recipes_copy(name: str, dest: str) -> None:
 def export(run_dir: str, formats: str, outtype: str, out_dir: str | None, variant: str | None) -> None:
     """Export RUN_DIR's adapter as GGUF (llama.cpp, Ollama), MLX (mlx-lm) and/or PEFT; `all` writes every format
     this base allows and names each one it skips."""
-    from rmx_local.export import export_run
-
     skipped: dict = {}
     for fmt, path in export_run(run_dir, formats, outtype, out_dir, skipped=skipped, variant=variant).items():
         click.echo(f"{fmt:<7} {path}")
@@ -178,8 +180,6 @@ def _inference_options(f):
 @_inference_options
 def generate(target: str, prompt: str, runtime: str, compare: bool, max_tokens: int, temperature: float, base: str | None) -> None:
     """One answer to PROMPT from TARGET (a run folder or an exported adapter), streamed."""
-    from rmx_local.chat import generate as run_generate
-
     run_generate(target, prompt, runtime=runtime, compare=compare, max_tokens=max_tokens, temperature=temperature, base=base)
 
 
@@ -188,8 +188,6 @@ def generate(target: str, prompt: str, runtime: str, compare: bool, max_tokens: 
 @_inference_options
 def chat(target: str, runtime: str, compare: bool, max_tokens: int, temperature: float, base: str | None) -> None:
     """Chat with the base model plus TARGET's adapter (a run folder or an exported adapter)."""
-    from rmx_local.chat import chat_loop
-
     chat_loop(target, runtime=runtime, compare=compare, max_tokens=max_tokens, temperature=temperature, base=base)
 
 
@@ -224,9 +222,6 @@ def chat(target: str, runtime: str, compare: bool, max_tokens: int, temperature:
 @click.option("--plain", is_flag=True, help="Plain line logs even on a terminal.")
 def eval_command(targets: tuple[str, ...], plain: bool, **options) -> None:
     """Score TARGETS (run folders, PEFT folders, GGUF adapters, model specs, `base`) on --data, paired with the first."""
-    from rmx_local.eval import EvalOptions, print_report, run_eval
-    from rmx_local.ui import UI
-
     ui = UI(rich=False if plain else None)
     options["data"], options["runtimes"] = list(options["data"]), list(options["runtimes"])
     print_report(ui, run_eval(list(targets), EvalOptions(**options), ui))
@@ -236,8 +231,6 @@ def eval_command(targets: tuple[str, ...], plain: bool, **options) -> None:
 @click.argument("run_dir", type=click.Path())
 def report(run_dir: str) -> None:
     """Write RUN_DIR/report/index.html (one self-contained page) and its PNGs, from a finished run."""
-    from rmx_local.report import write_report
-
     click.echo(str(write_report(run_dir)))
 
 
@@ -246,8 +239,6 @@ def report(run_dir: str) -> None:
 @click.option("--example", type=int, default=None, help="The N-th training rollout (default: the report's first example).")
 def show(run_dir: str, example: int | None) -> None:
     """Print a rollout of RUN_DIR with its decision points coloured by base entropy, and an entropy histogram."""
-    from rmx_local.show import show_run
-
     show_run(run_dir, example)
 
 
@@ -272,12 +263,6 @@ def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, se
 
     TEACHER: anything `rmx-local eval` scores (a run folder, a PEFT folder, a GGUF adapter, a model). BASE: a model
     spec, or `base` for the teacher's own base model."""
-    import contextlib
-    import json
-
-    from rmx_local.analyze import analyze as run_analysis, print_analysis
-    from rmx_local.ui import UI
-
     ui = UI(rich=False if as_json else None)
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # progress off the JSON
         result = run_analysis(base, teacher, data, limit, list(taus) or None, max_tokens, device, batch_size, seed, ui,
@@ -293,8 +278,6 @@ def analyze(base, teacher, data, limit, taus, max_tokens, device, batch_size, se
 @main.command()
 def doctor() -> None:
     """Report backends, devices, versions, llama.cpp and Ollama availability."""
-    from rmx_local.doctor import doctor as run_doctor, healthy, print_doctor
-
     rows = run_doctor()
     print_doctor(rows)
     sys.exit(0 if healthy(rows) else 1)

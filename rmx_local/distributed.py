@@ -31,6 +31,7 @@ import os
 from typing import Any, Callable, Iterator, TypeVar
 
 from rmx_local.errors import RmxError
+from rmx_local.lock import run_lock as folder_lock
 
 T = TypeVar("T")
 PARALLEL_STAGES = ("entropy", "train")  # the stages whose work the ranks share (the planner divides their time)
@@ -76,13 +77,11 @@ def init() -> bool:
     return True
 
 
-def check_supported(recipe: Any) -> None:
-    """What cannot run on several ranks, as one line each."""
+def check_supported(recipe: Any, backend: str) -> None:
+    """What cannot run on several ranks, as one line each (`backend`: the backend the recipe resolves to)."""
     if world() == 1:
         return
-    from rmx_local.backends import pick_backend_name
-
-    if pick_backend_name(recipe.backend) != "torch":
+    if backend != "torch":
         raise RmxError(f"backend {recipe.backend!r} runs in one process only, and WORLD_SIZE = {world()}",
                        fix='set backend = "torch", or launch one process (no torchrun)')
     if recipe.rounds > 1:
@@ -194,8 +193,6 @@ def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
 @contextlib.contextmanager
 def run_lock(run_dir: Any, note: Callable[[str], None]) -> Iterator[None]:
     """The run folder's lock, held by rank 0 for every rank: if rank 0 cannot take it, every rank stops."""
-    from rmx_local.lock import run_lock as folder_lock
-
     if world() == 1:
         with folder_lock(run_dir, note):
             yield

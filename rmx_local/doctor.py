@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from rmx_local.backends import pick_backend_name
+from rmx_local.errors import RmxError
+from rmx_local.models import EMBEDDED, cache_root, embedded_gguf
+
 OK, MISSING, ERROR, INFO = "ok", "missing", "error", "info"
 
 
@@ -98,9 +102,6 @@ def _ollama() -> Check:
 def _embedded() -> list[Check]:
     """One row per embedded model; the first (the default) is required, the others optional extras. Nothing is
     assembled here: a chunked model not yet assembled says so."""
-    from rmx_local.errors import RmxError
-    from rmx_local.models import EMBEDDED, embedded_gguf
-
     rows = []
     for i, name in enumerate(EMBEDDED):
         label = "embedded model" if i == 0 else f"embedded:{name}"
@@ -116,8 +117,6 @@ def _embedded() -> list[Check]:
 
 
 def _cache() -> Check:
-    from rmx_local.models import cache_root
-
     root = cache_root()
     if not root.exists():
         return Check("cache", INFO, f"{root} (not created yet; the first run dequantizes the model there)")
@@ -128,8 +127,6 @@ def _cache() -> Check:
 
 def doctor() -> list[Check]:
     """Every check, in display order. Never raises for a missing or broken component."""
-    from rmx_local.backends import pick_backend_name
-
     rows = [Check("python", INFO, f"{platform.python_version()} on {platform.system()} {platform.machine()}"),
             Check("rmx-local", INFO, f"{_version('rmx-local') or 'not installed (running from source)'} at "
                                      f"{Path(__file__).resolve().parent}"),

@@ -1,33 +1,22 @@
 """`rmx-local eval TARGET... --data SPEC...`: score base models and adapters on any math data, in torch or
 llama.cpp, with paired statistics.
 
-Interfaces other modules build on:
-  Prompt(template, instruction, shots)   what `rmx_local.tasks.build_prompt` needs besides the question
-  score_problems(model, problems, prompt, params, *, batch_size=64, ui=None, label="score") -> list[ProblemRecord]
-      THE scorer, shared with the run pipeline (`stages/evaluate.score`). `model` is a loaded Backend (its
-      `generate`, in its current adapter state) or a rollout engine (`sample`, e.g. a LlamaCppEngine holding a
-      LoRA). Completions are graded by `verify.verify_many`; a record holds the question, gold, completions,
-      parsed answers, verdicts and completion lengths in tokens of one problem.
-  metrics(records), paired(first, other), pass_at_k(n, c, k), majority_correct(record)
   run_eval(target_specs, options, ui) -> summary dict;  print_report(ui, summary)
-Targets come from `rmx_local.targets`, problems from `rmx_local.data`.
+Targets come from `rmx_local.targets`, problems from `rmx_local.data`, the scorer and its statistics from
+`rmx_local.scoring` (accuracy ± SE, pass@k, maj@k, paired differences, KL: defined there).
 
 Statistics (shortcuts stated):
   - One decoding mode per call: greedy (default), or `--n-samples k` (k > 1) sampled at `--temperature`/`--top-p`.
-  - accuracy: the mean over problems of each problem's fraction correct (greedy 0/1; sampled c/k = pass@1), ± SE =
-    std(ddof=1) / sqrt(N) over problems. pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k) averaged over
-    problems (k = 1, 2, 4, ... and n); maj@k takes the most frequent parsed answer of the k samples
-    (unparseable ones skipped, ties to the earliest) and scores its verdict.
-  - Every target after the first is compared with the first on the same data and runtime, problem by problem:
-    mean ± SE of the per-problem score differences and z = mean / SE (None when SE is 0).
+  - Every target after the first is compared with the first on the same data and runtime, problem by problem
+    (`scoring.paired`).
   - Both runtimes in one call: agreement = fraction of problems whose first completion parsed to the same
     answer in torch and in llama.cpp (and the fraction with the same verdict).
-  - `--kl` (torch only): the base's greedy completions (reused from a base target scored greedily in torch with
-    the same prompt, else decoded with the adapter switched off), teacher-forced through the same model with the
-    adapter off and on; the mean over all completion tokens of KL(p_base || p_adapted) in nats.
+  - `--kl` (torch only): on the base's greedy completions, reused from a base target scored greedily in torch with
+    the same prompt, else decoded with the adapter switched off (`scoring.kl_on_base_completions`).
   - problems/s counts decoding + grading, not model loading; CPU seconds (process time, all threads) beside it.
-  - The torch runtime loads the base once per LoRA shape and switches adapters in place; llama.cpp loads the
-    base GGUF (for the embedded model the shipped Q4_1 file) once per target, with the target's GGUF adapter.
+  - Each base model spec is resolved once per call. The torch runtime loads the base once per LoRA shape and
+    switches adapters in place; llama.cpp loads the base GGUF (for the embedded model the shipped Q4_1 file) once
+    per target, with the target's GGUF adapter.
 `--out DIR` writes DIR/problems.jsonl (one line per data set and problem: question, gold and per
 "target [runtime]" the completion, parsed answer and verdict, lists when sampled) and DIR/summary.json,
 together and atomically after all scoring, so a failed call leaves no partial folder.
@@ -35,150 +24,38 @@ together and atomically after all scoring, so a failed call leaves no partial fo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import importlib.util
 import json
-import math
 import os
 import platform
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmx_local.backends import SampleParams
+from rmx_local.backends import SampleParams, load_backend
 from rmx_local.data import load_problems
+from rmx_local.engines import LLAMA_CPP_MAX_PARALLEL, LlamaCppEngine, llama_cpp_importable
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_dir
 from rmx_local.model_check import check_model_source
-from rmx_local.recipe import TaskConfig
-from rmx_local.tasks import Problem, arith_problems, arith_space_size, cut_at_next_question, encode_prompts
-from rmx_local.verify import verify_many
+from rmx_local.models import ModelSource, resolve_model
+from rmx_local.recipe import Recipe
+from rmx_local.scoring import (
+    DEFAULT_MAX_TOKENS,
+    ProblemRecord,
+    Prompt,
+    answer_agreement,
+    kl_on_base_completions,
+    metrics,
+    paired,
+    score_problems,
+)
+from rmx_local.targets import Target, resolve_targets
+from rmx_local.tasks import Problem, arith_problems, arith_space_size
 
 EVAL_RUNTIMES = ("torch", "llama_cpp")
-DEFAULT_MAX_TOKENS = 512
-
-
-@dataclass(frozen=True)
-class Prompt:
-    template: str = TaskConfig.template
-    instruction: str = TaskConfig.instruction
-    shots: tuple[Problem, ...] = ()  # worked examples before each question (training problems only)
-
-    def to_json(self) -> dict:
-        return {"template": self.template, "instruction": self.instruction, "shots": [p.id for p in self.shots]}
-
-
-@dataclass
-class ProblemRecord:
-    id: str
-    question: str
-    gold: str
-    completions: list[str]
-    parsed: list[str | None]
-    correct: list[bool]
-    tokens: list[int]
-    prompt_ids: list[int] = field(default_factory=list, repr=False)  # kept in memory for --kl, never written
-    completion_ids: list[list[int]] = field(default_factory=list, repr=False)
-
-    @property
-    def score(self) -> float:
-        return sum(self.correct) / len(self.correct)
-
-    def to_json(self) -> dict:
-        if len(self.completions) == 1:
-            return {"completion": self.completions[0], "parsed": self.parsed[0], "correct": self.correct[0]}
-        return {"completions": self.completions, "parsed": self.parsed, "correct": self.correct}
-
-
-class _NoBar:
-    def advance(self, items: int = 0, tokens: int = 0) -> None:
-        pass
-
-
-def score_problems(model: Any, problems: list[Problem], prompt: Prompt, params: SampleParams, *, batch_size: int = 64,
-                   ui: Any = None, label: str = "score") -> list[ProblemRecord]:
-    """Decode `params.n` completions per problem (one when greedy) and grade them; see the module docstring."""
-    tokenizer = model.tokenizer
-    texts, ids = encode_prompts(tokenizer, [p.question for p in problems], prompt.template, prompt.instruction, prompt.shots)
-    n = params.n if params.temperature > 0 else 1
-    group = max(1, batch_size // n)
-    outs: list[list[list[int]]] = []
-    with (ui.stage(label, len(problems), "problems") if ui else contextlib.nullcontext(_NoBar())) as bar:
-        for start in range(0, len(problems), group):
-            chunk = slice(start, start + group)
-            progress = lambda k: bar.advance(0, k)  # noqa: E731
-            if hasattr(model, "generate"):  # a Backend
-                outs += model.generate(ids[chunk], params, progress=progress)
-            else:  # a rollout engine
-                outs += model.sample(texts[chunk], ids[chunk], params, progress=progress)
-            bar.advance(len(ids[chunk]))
-    outs = [o[:n] for o in outs]
-    completions = [[tokenizer.decode(c, skip_special_tokens=True) for c in o] for o in outs]
-    if prompt.shots:  # graded up to the next "Question:" the examples taught it to write (token counts stay whole)
-        completions = [[cut_at_next_question(c) for c in cs] for cs in completions]
-    verdicts = iter(verify_many([c for cs in completions for c in cs],
-                                [p.answer for p, cs in zip(problems, completions) for _ in cs]))
-    records = []
-    for p, pids, o, cs in zip(problems, ids, outs, completions):
-        vs = [next(verdicts) for _ in cs]
-        records.append(ProblemRecord(p.id, p.question, p.answer, cs, [v.parsed for v in vs], [v.correct for v in vs],
-                                     [len(c) for c in o], pids, o))
-    return records
-
-
-# ---------------------------------------------------------------- statistics
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    if not xs:
-        return 0.0, 0.0
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, 0.0
-    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-    return mean, math.sqrt(var / len(xs))
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def majority_correct(record: ProblemRecord) -> bool:
-    votes = Counter(p for p in record.parsed if p is not None)
-    if not votes:
-        return False
-    top = max(votes.values())
-    first = next(i for i, p in enumerate(record.parsed) if p is not None and votes[p] == top)
-    return record.correct[first]
-
-
-def metrics(records: list[ProblemRecord]) -> dict:
-    n = len(records[0].correct)
-    acc, se = mean_se([r.score for r in records])
-    flat_tokens = [t for r in records for t in r.tokens]
-    out = {"problems": len(records), "samples": n, "accuracy": acc, "se": se,
-           "unparseable": sum(p is None for r in records for p in r.parsed) / max(len(flat_tokens), 1),
-           "mean_tokens": sum(flat_tokens) / max(len(flat_tokens), 1)}
-    if n > 1:
-        ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n} | {n})
-        out["pass@k"] = {str(k): sum(pass_at_k(n, sum(r.correct), k) for r in records) / len(records) for k in ks}
-        out["maj@k"] = sum(majority_correct(r) for r in records) / len(records)
-    return out
-
-
-def paired(first: list[ProblemRecord], other: list[ProblemRecord]) -> dict:
-    diff, se = mean_se([b.score - a.score for a, b in zip(first, other)])
-    return {"diff": diff, "se": se, "z": diff / se if se > 0 else None}
-
-
-def answer_agreement(a: list[ProblemRecord], b: list[ProblemRecord]) -> dict:
-    n = max(len(a), 1)
-    return {"same_answer": sum(x.parsed[0] == y.parsed[0] for x, y in zip(a, b)) / n,
-            "same_verdict": sum(x.correct[0] == y.correct[0] for x, y in zip(a, b)) / n}
 
 
 # ---------------------------------------------------------------- the `eval` verb
@@ -206,8 +83,6 @@ class EvalOptions:
 
 
 def parse_runtimes(values: list[str] | tuple[str, ...]) -> list[str]:
-    from rmx_local.engines import llama_cpp_importable
-
     names = [v.strip() for item in values for v in item.split(",") if v.strip()] or ["torch"]
     bad = [n for n in names if n not in EVAL_RUNTIMES]
     if bad:
@@ -215,11 +90,8 @@ def parse_runtimes(values: list[str] | tuple[str, ...]) -> list[str]:
     if "llama_cpp" in names and not llama_cpp_importable():
         raise RmxError("--runtime llama_cpp needs llama-cpp-python, which is not installed",
                        fix="pip install 'rmx-local[llama]'  (or use --runtime torch)")
-    if "torch" in names:
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            raise RmxError("--runtime torch needs PyTorch, which is not installed", fix="pip install torch transformers peft")
+    if "torch" in names and importlib.util.find_spec("torch") is None:
+        raise RmxError("--runtime torch needs PyTorch, which is not installed", fix="pip install torch transformers peft")
     return list(dict.fromkeys(names))
 
 
@@ -233,18 +105,21 @@ def _check_out(out: str | None) -> Path | None:
 
 
 class _Models:
-    """Loaded models: torch backends per (base, LoRA shape), switched between adapters; llama.cpp per target."""
+    """Loaded models: torch backends per (base, LoRA shape), switched between adapters; llama.cpp per target. Each
+    base spec is resolved once (`source`)."""
 
     def __init__(self, opts: EvalOptions, ui: Any):
         self.opts, self.ui = opts, ui
+        self.sources: dict[str, ModelSource] = {}
         self.backends: dict[str, list[Any]] = {}
         self.tokenizers: dict[str, Any] = {}
 
-    def torch(self, target) -> Any:
-        from rmx_local.backends import load_backend
-        from rmx_local.models import resolve_model
-        from rmx_local.recipe import Recipe
+    def source(self, base_spec: str) -> ModelSource:
+        if base_spec not in self.sources:
+            self.sources[base_spec] = resolve_model(base_spec)
+        return self.sources[base_spec]
 
+    def torch(self, target: Target) -> Any:
         loaded = self.backends.setdefault(target.base_spec, [])
         a = target.adapter
         fits = lambda b: a is None or b.lora is None or b.lora == {"rank": a.rank, "alpha": a.alpha, "targets": sorted(a.targets)}  # noqa: E731
@@ -252,7 +127,7 @@ class _Models:
         if backend is None:
             recipe = Recipe(model=target.base_spec, backend="torch", threads=self.opts.threads)
             recipe.rollout.batch_size = self.opts.batch_size
-            backend = load_backend(recipe, resolve_model(target.base_spec), self.ui.line)
+            backend = load_backend(recipe, self.source(target.base_spec), self.ui.line)
             loaded.append(backend)
         if a is not None:
             backend.set_adapter(a)
@@ -265,17 +140,11 @@ class _Models:
         if base_spec not in self.tokenizers:
             from transformers import AutoTokenizer
 
-            from rmx_local.models import resolve_model
-
-            self.tokenizers[base_spec] = AutoTokenizer.from_pretrained(resolve_model(base_spec).hf_path)
+            self.tokenizers[base_spec] = AutoTokenizer.from_pretrained(self.source(base_spec).hf_path)
         return self.tokenizers[base_spec]
 
-    def llama_cpp(self, target) -> Any:
-        from rmx_local.engines import LLAMA_CPP_MAX_PARALLEL
-        from rmx_local.engines.llama_cpp_engine import LlamaCppEngine
-        from rmx_local.models import resolve_model
-
-        gguf = resolve_model(target.base_spec).gguf_path
+    def llama_cpp(self, target: Target) -> Any:
+        gguf = self.source(target.base_spec).gguf_path
         lora = str(target.gguf_adapter) if target.adapter is not None else None
         return LlamaCppEngine(gguf, self.tokenizer(target.base_spec), threads=self.opts.threads,
                               parallel=min(self.opts.batch_size, LLAMA_CPP_MAX_PARALLEL), lora_path=lora)
@@ -306,27 +175,8 @@ def few_shot_examples(spec: str, problems: list[Problem], shots: int, seed: int)
     return tuple(arith_problems(difficulty, shots, seed))
 
 
-def _kl(backend: Any, target, base_records: list[ProblemRecord] | None, problems: list[Problem], prompt: Prompt,
-        max_tokens: int, seed: int, ui: Any) -> float:
-    """Mean per-token KL(base || adapted) on the base's greedy completions (see the module docstring)."""
-    if base_records is None:
-        backend.set_adapter_enabled(False)
-        base_records = score_problems(backend, problems, prompt, SampleParams(1, 0.0, 1.0, max_tokens, seed),
-                                      batch_size=backend.batch_size, ui=ui, label=f"kl: base completions for {target.label}")
-        backend.set_adapter_enabled(True)
-    seqs = [(r.prompt_ids + r.completion_ids[0], len(r.prompt_ids)) for r in base_records if r.completion_ids[0]]
-    total, count = 0.0, 0
-    for start in range(0, len(seqs), 8):
-        for kl in backend.kl_from_base(seqs[start : start + 8]):
-            total, count = total + float(kl.sum()), count + len(kl)
-    return total / max(count, 1)
-
-
 def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
     """Score every target on every data set in every runtime; write --out; return the summary."""
-    from rmx_local.models import resolve_model
-    from rmx_local.targets import resolve_targets
-
     runtimes = parse_runtimes(opts.runtimes)
     if opts.n_samples < 1 or (opts.n_samples > 1 and opts.temperature <= 0):
         raise RmxError(f"--n-samples {opts.n_samples} --temperature {opts.temperature}: sampling needs n >= 2 and T > 0",
@@ -341,9 +191,10 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
     targets = resolve_targets(list(target_specs), base=opts.base, gguf="llama_cpp" in runtimes)
     for base_spec in dict.fromkeys(t.base_spec for t in targets):  # before any model loads
         check_model_source(base_spec)
+    models = _Models(opts, ui)
     if "llama_cpp" in runtimes:
         for t in targets:
-            if not resolve_model(t.base_spec).gguf_path:
+            if not models.source(t.base_spec).gguf_path:
                 raise RmxError(f"--runtime llama_cpp: base model {t.base_spec!r} of {t.label} has no GGUF file",
                                fix="use --runtime torch, or a base that is a .gguf / embedded model / folder holding one")
     prompts = _prompts(targets, opts)
@@ -358,7 +209,8 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
         ui.line(f"prompt for {t.label}: template {p.template!r}, instruction {p.instruction!r}, {opts.shots} shots"
                 f"{' (its run)' if t.template is not None and not opts.template and opts.instruction is None else ''}")
 
-    models, records, stats = _Models(opts, ui), {}, {}
+    records: dict[tuple, list[ProblemRecord]] = {}
+    stats: dict[tuple, dict] = {}
     for runtime in runtimes:
         for t in targets:
             model = models.torch(t) if runtime == "torch" else models.llama_cpp(t)
@@ -375,7 +227,7 @@ def run_eval(target_specs: list[str], opts: EvalOptions, ui: Any) -> dict:
                     same_base = [b.label for b in targets if b.adapter is None and b.base_spec == t.base_spec
                                  and prompts[b.label] == prompts[t.label] and (spec, "torch", b.label) in records]
                     base = records[spec, "torch", same_base[0]] if same_base and not sampled else None
-                    stats[spec, runtime, t.label]["kl"] = _kl(model, t, base, problems, prompt, max_tokens, opts.seed, ui)
+                    stats[spec, runtime, t.label]["kl"] = kl_on_base_completions(model, t.label, base, problems, prompt, max_tokens, opts.seed, ui)
             if runtime == "llama_cpp":
                 model.close()
 

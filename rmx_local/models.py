@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmx_local.adapter import model_facts
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_dir
 from rmx_local.model_check import check_gguf
@@ -130,11 +131,24 @@ def dequantized_folder(gguf: Path) -> Path:
     return out
 
 
+def legacy_rope_keys(config: dict) -> dict:
+    """The top-level rope keys mlx-lm and older loaders read, from transformers 5's `rope_parameters`: rope_theta, and
+    rope_scaling for a non-default rope type; {} when the config already has them or has no rope_parameters."""
+    rope = config.get("rope_parameters") or {}
+    extra = {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        extra["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return extra
+
+
 def add_rope_theta(config_path: Path) -> None:
-    """Copy rope_parameters.rope_theta to the top level, where mlx-lm and older loaders look for it."""
+    """Copy rope_parameters.rope_theta to the top level of a config.json we write (`legacy_rope_keys`; rope_scaling
+    is left to the loader that needs it)."""
     config = json.loads(config_path.read_text())
-    theta = (config.get("rope_parameters") or {}).get("rope_theta")
-    if theta is not None and "rope_theta" not in config:
+    theta = legacy_rope_keys(config).get("rope_theta")
+    if theta is not None:
         config["rope_theta"] = theta
         config_path.write_text(json.dumps(config, indent=2))
 
@@ -142,8 +156,6 @@ def add_rope_theta(config_path: Path) -> None:
 def model_summary(hf_path: str) -> dict:
     """Architecture facts the adapter exporters need, read from config.json."""
     from transformers import AutoConfig
-
-    from rmx_local.adapter import model_facts
 
     cfg = AutoConfig.from_pretrained(hf_path)
     return {"model_type": cfg.model_type, **model_facts(cfg)}

@@ -31,9 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rmx_local.archs import Shape
+from rmx_local.backends import common_prefix
 from rmx_local.backends.torch_backend import ACTIVATION_BUDGET_BYTES, saved_floats
+from rmx_local.data import load_problems
 from rmx_local.distributed import PARALLEL_STAGES, world
+from rmx_local.errors import RmxError
+from rmx_local.models import resolve_model
 from rmx_local.recipe import Recipe
+from rmx_local.tasks import arith_problems, encode_prompts
 
 RUNTIME_MB = 400  # python + torch + transformers + tokenizer, resident before the weights (measured: 370-400)
 ACT_INFER = 16  # fp32 bytes per token per (hidden + intermediate) unit alive in a no-grad forward (one layer's)
@@ -197,16 +202,11 @@ def estimate(r: Recipe, m: ModelFacts, machine: Machine, prompt_tokens: int, com
 def prompt_lengths(r: Recipe, tokenizer) -> tuple[int, int] | None:
     """Mean token length of the task's first prompts, as the pipeline builds them, and the length of their common
     preamble; None when they cannot be read."""
-    from rmx_local.backends import common_prefix
-    from rmx_local.tasks import arith_problems, encode_prompts
-
     t = r.task
     try:
         if t.name == "arith":
             problems = arith_problems(t.difficulty, 8, r.seed)
         else:
-            from rmx_local.data import load_problems
-
             problems = load_problems(t.path)[:32]
         _, ids = encode_prompts(tokenizer, [p.question for p in problems], t.template, t.instruction)
     except Exception:  # a data set that is not there yet must not stop a dry run: the caller assumes a length
@@ -266,9 +266,6 @@ def per_rank(stages: list[Stage], ranks: int) -> list[float]:
 
 def print_plan(r: Recipe, ui) -> None:
     """The estimate table, or one line saying why there is none (the dry run itself still succeeds)."""
-    from rmx_local.errors import RmxError
-    from rmx_local.models import resolve_model
-
     try:
         stages, f = plan(r, resolve_model(r.model).hf_path)
     except (RmxError, OSError, ValueError, KeyError, TypeError) as e:

@@ -23,6 +23,7 @@ import numpy as np
 from rmx_local import report_plots as plots
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+from rmx_local.runfolder import require_finished, run_tokenizer
 from rmx_local.sweep import table as sweep_table
 
 KINDS = ("first token", "digit", "operator", "word", "other")
@@ -39,29 +40,6 @@ th{background:#f6f6f6} td.num{text-align:right;font-variant-numeric:tabular-nums
 .tok{border-radius:2px;padding:1px 0} .gate{border-bottom:3px solid #c8443a;font-weight:bold}
 .prompt{color:#666;font-size:14px} .good{color:#3a9a5b} .bad{color:#c8443a}
 """
-
-
-def run_tokenizer(run_dir: Path):
-    """The run's tokenizer (transformers), from the model its summary names, so a folder written by another version
-    of rmx-local still renders (its recipe then only matters for trust_remote_code, which falls back to off)."""
-    from transformers import AutoTokenizer
-
-    from rmx_local.models import resolve_model
-    from rmx_local.recipe import Recipe, load_recipe
-
-    model = require_finished(run_dir)["model"]
-    try:
-        recipe = load_recipe(run_dir / "recipe.toml")
-    except RmxError:  # missing, or written by another version: its remote-code setting is not trusted
-        recipe = Recipe()
-    return AutoTokenizer.from_pretrained(resolve_model(model).hf_path, trust_remote_code=recipe.trust_remote_code)
-
-
-def require_finished(run_dir: Path) -> dict:
-    if not (run_dir / "summary.json").is_file():
-        raise RmxError(f"{run_dir}: no summary.json (not a finished run folder)",
-                       fix="point at a folder written by `rmx-local run`, or finish the run first")
-    return read_json(run_dir / "summary.json")
 
 
 def token_kind(text: str, position: int) -> str:

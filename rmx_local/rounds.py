@@ -29,6 +29,7 @@ from pathlib import Path
 from rmx_local.adapter import load_peft, save_peft
 from rmx_local.io import atomic_write_json
 from rmx_local.recipe import Recipe
+from rmx_local.round import run_round
 from rmx_local.ui import UI
 
 
@@ -48,8 +49,6 @@ def round_row(r: int, summary: dict) -> dict:
 
 
 def run_rounds(recipe: Recipe, ui: UI) -> dict:
-    from rmx_local.pipeline import run_round
-
     run = Path(recipe.run_dir)
     summary = run_round(recipe, ui)
     start = load_peft(run / "train" / summary["train"]["key"] / f"step-{summary['train']['best_step']}" / "adapter")

@@ -17,7 +17,8 @@ from rich.text import Text
 
 from rmx_local.errors import RmxError
 from rmx_local.io import read_json
-from rmx_local.report import pick_examples, require_finished, run_tokenizer, training_sequences
+from rmx_local.report import pick_examples, training_sequences
+from rmx_local.runfolder import require_finished, run_tokenizer
 
 BINS = 16
 BAR = 40

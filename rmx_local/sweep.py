@@ -4,7 +4,7 @@ A variant is `NAME: key=value ...`, overrides of gate.* / train.* fields (no spa
 folder: the shared stages as a plain run writes them (problems.json, rollouts.jsonl, entropies.jsonl); each variant
 trains in train/<key>/ exactly as `rmx-local run RECIPE <its overrides>` would (so that single run reuses it), and
 its row lands in sweep/<name>.json once finished. sweep.json holds the table and the choice; then the chosen variant
-runs as a plain run (pipeline.run_round: everything cached but the held-out evaluation), which writes adapter/,
+runs as a plain run (round.py's run_round: everything cached but the held-out evaluation), which writes adapter/,
 gate.json, summary.json (plus a "sweep" table). recipe.toml stays the sweep's recipe (a rerun is the same sweep);
 sweep/chosen.toml is the chosen variant as a single-run recipe.
 
@@ -38,10 +38,12 @@ import numpy as np
 
 from rmx_local.adapter import load_peft
 from rmx_local.errors import RmxError
-from rmx_local.eval import mean_se
+from rmx_local.export import check_exportable
 from rmx_local.io import atomic_write_json, atomic_write_text, read_json
-from rmx_local.pipeline import run_round, training_data
-from rmx_local.recipe import Recipe, _check_ranges, apply_overrides, recipe_to_toml
+from rmx_local.models import resolve_model
+from rmx_local.recipe import Recipe, check_ranges, apply_overrides, recipe_to_toml
+from rmx_local.round import run_round, training_data
+from rmx_local.scoring import mean_se
 from rmx_local.stages import RunContext
 from rmx_local.stages.gate import run_entropies
 from rmx_local.stages.rollouts import run_rollouts, split_problems
@@ -86,7 +88,7 @@ def variants(recipe: Recipe) -> list[Variant]:
                            fix="a variant changes only how the rollouts are trained; set other fields in the recipe")
         v = copy.deepcopy(recipe)
         apply_overrides(v, overrides, where)
-        _check_ranges(v, where)
+        check_ranges(v, where)
         out.append(Variant(name, overrides, v))
     return out
 
@@ -104,7 +106,6 @@ def fit(budget_s: float, shared_s: float, variant_s: list[float]) -> list[int]:
 
 def estimate(recipe: Recipe, vs: list[Variant]) -> tuple[float, list[float], float]:
     """(shared stages s, s per variant, peak bytes) from plan.py's model of this machine (see the docstring)."""
-    from rmx_local.models import resolve_model
     from rmx_local.plan import plan
 
     hf_path = resolve_model(recipe.model).hf_path
@@ -232,8 +233,6 @@ def run_sweep(recipe: Recipe, ui: UI) -> dict:
     ctx = RunContext(recipe, run, ui)
     ctx.source  # a missing model fails here, before any work
     if recipe.export.formats:
-        from rmx_local.export import check_exportable
-
         check_exportable(recipe.export.formats, ctx.source.hf_path)
     kept, dropped = budget(recipe, vs, ui)
     splits = split_problems(ctx)

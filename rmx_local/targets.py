@@ -14,19 +14,24 @@ A PEFT folder or GGUF file inside a run folder (run/adapter, run/export/gguf/ada
 prompt. `base` (the argument) replaces every adapter's own base model name. With `gguf=True` (llama.cpp
 runtime) each adapter also gets a GGUF file: a run's export/gguf/adapter.gguf (exported when missing or
 older than adapter/, as `rmx-local chat` does), a GGUF target itself, or for a PEFT folder a copy written
-once under $RMX_LOCAL_CACHE/eval-gguf/. `check_fits` refuses an adapter made for another base (architecture,
+once under $RMX_LOCAL_CACHE/eval-gguf/. `check_target_fits` (export.common.check_fits on the base's config) refuses an adapter made for another base (architecture,
 layer count or a projection's shape differ) before any model runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rmx_local.adapter import LoraAdapter, load_peft
 from rmx_local.errors import RmxError
+from rmx_local.export import (check_fits, complete_from_base, exported_adapter, gguf_adapter_base, read_gguf_adapter,
+                              write_gguf_adapter)
+from rmx_local.io import read_json
+from rmx_local.model_check import check_gguf
+from rmx_local.models import cache_root, resolve_model
+from rmx_local.runfolder import is_run, load_run_adapter, owning_run, run_base_spec, run_prompt
 
 
 @dataclass
@@ -45,57 +50,37 @@ class Target:
         return "base" if self.kind == "base" else self.spec
 
 
-def _owning_run(path: Path) -> Path | None:
-    """The run folder a PEFT folder or exported file sits in (run/adapter, run/export/<fmt>/...), if any."""
-    for parent in list(path.resolve().parents)[:3]:
-        if (parent / "recipe.toml").is_file() and (parent / "adapter").is_dir():
-            return parent
-    return None
-
-
 def _with_run_prompt(target: Target, run_dir: Path | None) -> Target:
     if run_dir is not None:
-        from rmx_local.recipe import load_recipe
-
-        recipe = load_recipe(run_dir / "recipe.toml")
-        target.template, target.instruction = recipe.task.template, recipe.task.instruction
-        target.max_tokens = recipe.eval.max_tokens
+        prompt = run_prompt(run_dir)
+        target.template, target.instruction, target.max_tokens = prompt.template, prompt.instruction, prompt.max_tokens
     return target
 
 
 def _is_gguf_adapter(path: Path) -> bool:
     """A complete GGUF (rmx_local.model_check: header, length, architecture) whose general.type is adapter."""
-    from rmx_local.model_check import check_gguf
-
     return check_gguf(path).get("general.type") == "adapter"
 
 
 def _peft_gguf(adapter: LoraAdapter, folder: Path) -> Path:
     """A GGUF copy of a PEFT folder's adapter, written once into the cache (keyed by the weights file)."""
-    from rmx_local.export.gguf_adapter import write_gguf_adapter
-    from rmx_local.export.run import complete_from_base
-    from rmx_local.models import cache_root
-
     st = (folder / "adapter_model.safetensors").stat()
     key = hashlib.sha256(f"{folder.resolve()}:{st.st_size}:{st.st_mtime_ns}:{adapter.base_model}".encode()).hexdigest()[:12]
     out = cache_root() / "eval-gguf" / f"{folder.name}-{key}.gguf"
     if not out.is_file():
-        write_gguf_adapter(complete_from_base(adapter, adapter.base_model), out, "f16")
+        write_gguf_adapter(complete_from_base(adapter, resolve_model(adapter.base_model).hf_path), out, "f16")
     return out
 
 
 def resolve_target(spec: str, *, base: str | None = None, gguf: bool = False) -> Target:
     """One TARGET (not `base`: see resolve_targets)."""
-    from rmx_local.export.run import load_run_adapter, run_base_spec
-    from rmx_local.export.runtimes import resolve_chat_target
-
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "adapter").is_dir():
+    if is_run(path):
         adapter = load_run_adapter(path)
         adapter.base_model = base or run_base_spec(path, adapter)
         target = Target(spec, "run", adapter.base_model, adapter)
         if gguf:
-            target.gguf_adapter = resolve_chat_target(path, "llama_cpp", adapter.base_model).adapter_path
+            target.gguf_adapter = exported_adapter(path, "gguf")
         return _with_run_prompt(target, path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         adapter = load_peft(path)
@@ -103,19 +88,17 @@ def resolve_target(spec: str, *, base: str | None = None, gguf: bool = False) ->
         if not adapter.base_model:
             raise RmxError(f"{path}: the adapter does not name its base model", fix="pass --base MODEL")
         target = Target(spec, "peft", adapter.base_model, adapter, _peft_gguf(adapter, path) if gguf else None)
-        return _with_run_prompt(target, _owning_run(path))
+        return _with_run_prompt(target, owning_run(path))
     if path.is_file() and path.suffix == ".gguf" and _is_gguf_adapter(path):
-        from rmx_local.export.gguf_adapter import read_gguf_adapter
-
-        base_spec = resolve_chat_target(path, "llama_cpp", base).base_spec
+        base_spec = base or gguf_adapter_base(path)
+        if not base_spec:
+            raise RmxError(f"{path}: the adapter does not name its base model", fix="pass --base MODEL")
         adapter = read_gguf_adapter(path, model_config=_base_config(base_spec))
         adapter.base_model = base_spec
-        return _with_run_prompt(Target(spec, "gguf_adapter", base_spec, adapter, path), _owning_run(path))
+        return _with_run_prompt(Target(spec, "gguf_adapter", base_spec, adapter, path), owning_run(path))
     if spec == "base":
         raise RmxError("target `base` needs another target (or --base) to name the base model",
                        fix="e.g. rmx-local eval base runs/quickstart --data arith:single")
-    from rmx_local.models import resolve_model
-
     resolve_model(spec)  # refuses what is neither a model file/folder, an embedded name nor a hub id
     return Target(spec, "model", spec)
 
@@ -134,24 +117,19 @@ def resolve_targets(specs: list[str], *, base: str | None = None, gguf: bool = F
                            fix="pass --base MODEL (the model spec to score as `base`)")
         targets = [t or Target("base", "base", bases[0]) for t in targets]
     for t in targets:
-        check_fits(t)
+        check_target_fits(t)
     return targets
 
 
 def _base_config(base_spec: str) -> dict | None:
-    from rmx_local.models import resolve_model
-
-    source = resolve_model(base_spec)
-    config = Path(source.hf_path) / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else None  # a hub id not yet downloaded: no check
+    config = Path(resolve_model(base_spec).hf_path) / "config.json"
+    return read_json(config) if config.is_file() else None  # a hub id not yet downloaded: no check
 
 
-def check_fits(target: Target) -> None:
+def check_target_fits(target: Target) -> None:
     """Refuse an adapter whose architecture, layers or projection shapes do not match its base model."""
-    from rmx_local.export.common import check_fits as fits
-
     if target.adapter is None:
         return
     cfg = _base_config(target.base_spec)
     if cfg is not None:
-        fits(target.adapter, target.spec, cfg, target.base_spec)
+        check_fits(target.adapter, target.spec, cfg, target.base_spec)

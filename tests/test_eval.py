@@ -13,8 +13,8 @@ from rmx_local.adapter import save_peft
 from rmx_local.backends import SampleParams
 from rmx_local.errors import RmxError
 from rmx_local.data import load_problems
-from rmx_local.eval import (EvalOptions, ProblemRecord, Prompt, few_shot_examples, majority_correct, metrics, paired, parse_runtimes,
-                            pass_at_k, run_eval, score_problems)
+from rmx_local.eval import EvalOptions, few_shot_examples, parse_runtimes, run_eval
+from rmx_local.scoring import ProblemRecord, Prompt, majority_correct, metrics, paired, pass_at_k, score_problems
 from rmx_local.export.check import random_adapter
 from rmx_local.export.gguf_adapter import write_gguf_adapter
 from rmx_local.targets import resolve_target, resolve_targets
@@ -177,9 +177,9 @@ def test_architecture_mismatch_is_refused(models: Path, tmp_path: Path) -> None:
 
 
 def test_runtime_not_installed_is_one_error(monkeypatch) -> None:
-    import rmx_local.engines
+    import rmx_local.eval as ev
 
-    monkeypatch.setattr(rmx_local.engines, "llama_cpp_importable", lambda: False)
+    monkeypatch.setattr(ev, "llama_cpp_importable", lambda: False)
     with pytest.raises(RmxError, match="needs llama-cpp-python"):
         parse_runtimes(["torch,llama_cpp"])
     with pytest.raises(RmxError, match="'mlx'"):

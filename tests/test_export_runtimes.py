@@ -10,10 +10,9 @@ import pytest
 from rich.console import Console
 
 from rmx_local.adapter import save_peft
-from rmx_local.chat import chat_loop, generate
+from rmx_local.chat import Streamer, chat_loop, generate
 from rmx_local.export import write_gguf_adapter, write_mlx_adapter
 from rmx_local.export.check import logit_agreement, base_setup, llama_cpp_logits, mlx_logits, peft_logits, random_adapter
-from rmx_local.export.runtimes import Streamer
 
 
 @pytest.fixture(scope="module")

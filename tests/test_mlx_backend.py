@@ -15,6 +15,7 @@ from conftest import char_tokenizer, tiny_llama
 
 from rmx_local.backends import SampleParams, TrainExample, load_backend
 from rmx_local.errors import RmxError
+from rmx_local.export import write_mlx_adapter
 from rmx_local.models import resolve_model
 from rmx_local.recipe import Recipe
 
@@ -240,8 +241,8 @@ def test_optimizer_state_and_native_adapter_round_trip(tiny_folder, tmp_path):
     assert before.keys() == after.keys() and int(after["step"]) == 1
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
-    # The native MLX adapter folder is what mlx-lm itself loads: same logits as the training model.
-    mlx_b.save_native(tmp_path / "native")
+    # The exported MLX adapter folder of the training model's LoRA is what mlx-lm itself loads: same logits.
+    write_mlx_adapter(mlx_b.get_adapter(), tmp_path / "native")
     reloaded, _ = mlx_lm.load(str(tiny_folder), model_config={"rope_theta": 500.0}, adapter_path=str(tmp_path / "native"))
     x = mx.array([chat(mlx_b.tokenizer, "7+8=")])
     np.testing.assert_allclose(np.array(reloaded(x)), np.array(mlx_b.model(x)), atol=1e-5)

@@ -7,7 +7,8 @@ import pytest
 
 from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
-from rmx_local.recipe import Range, field_info, load_recipe, numeric_fields, recipe_to_toml
+from rmx_local.ranges import Range
+from rmx_local.recipe import field_info, load_recipe, numeric_fields, recipe_to_toml
 
 
 def write(tmp_path, text):

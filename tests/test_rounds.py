@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import rmx_local.pipeline as pipeline
+import rmx_local.rounds as rounds
 import rmx_local.stages.select as select_stage
 from rmx_local.adapter import load_peft
 from rmx_local.backends.torch_backend import TorchBackend
@@ -65,17 +65,17 @@ def test_a_round_samples_from_the_previous_rounds_adapted_model(clean):
 
 def test_kill_between_rounds_resumes_with_the_same_result(model_dir, clean, tmp_path, monkeypatch):
     monkeypatch.setattr(select_stage, "verify_many", alternate)
-    real = pipeline.run_round
+    real = rounds.run_round
 
     def killed_before_round_2(rec, ui=None, start_adapter=None, round_no=1):
         if round_no == 2:
             raise KeyboardInterrupt
         return real(rec, ui, start_adapter, round_no)
 
-    monkeypatch.setattr(pipeline, "run_round", killed_before_round_2)
+    monkeypatch.setattr(rounds, "run_round", killed_before_round_2)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(recipe(model_dir, tmp_path / "run"), UI(rich=False))
-    monkeypatch.setattr(pipeline, "run_round", real)
+    monkeypatch.setattr(rounds, "run_round", real)
     round1_rollouts = (tmp_path / "run" / "rollouts.jsonl").read_text()
     steps = []
     real_acc = TorchBackend.accumulate

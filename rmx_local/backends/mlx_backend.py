@@ -9,7 +9,7 @@ Same semantics as `torch_backend` (the reference):
   - entropies: teacher-forced on the base model (LoRA scale 0), fp32 nats. Sequences are right-padded into
     batches: with causal attention a position never sees the padding after it, so no mask is needed.
   - LoRA: `linear_to_lora_layers` with the targets as per-block keys (so mlx-lm's own `load(adapter_path=)`
-    reads `save_native`'s folder). Switching the adapter off sets every LoRALinear's `scale` to 0; the KL
+    reads the folder `export/mlx_adapter.py` writes). Switching the adapter off sets every LoRALinear's `scale` to 0; the KL
     anchor's base logits come from that same model, evaluated and stop-gradiented (no second copy).
   - accumulate: per-sequence loss (`mlx_loss`, a mirror of `rmx_local.loss`), averaged over the batch, times
     `scale`, gradients summed until `step`; step: torch-style global-norm clip, then AdamW with bias
@@ -42,9 +42,11 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from rmx_local.adapter import LoraAdapter, model_facts
 from rmx_local.archs import lora_targets
-from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions, strip_eos
+from rmx_local.backends.base import Progress, SampleParams, TrainExample, group_completions, strip_eos
 from rmx_local.backends.mlx_loss import sequence_loss, token_entropy
 from rmx_local.errors import RmxError
+from rmx_local.io import atomic_write_bytes
+from rmx_local.models import legacy_rope_keys
 
 ENTROPY_TOKENS_PER_PASS = 2048  # caps batch x length of one scoring pass (the logits are B x T x V fp32)
 
@@ -86,13 +88,7 @@ def _model_config_overrides(folder: Path) -> dict:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    rope = config.get("rope_parameters") or {}
-    extra = {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        extra["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
-        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return extra
+    return legacy_rope_keys(config)
 
 
 class MlxBackend:
@@ -306,23 +302,9 @@ class MlxBackend:
             layer.lora_b = mx.array(np.ascontiguousarray(b.T, dtype=np.float32))
         mx.eval(self.model.trainable_parameters())
 
-    def save_native(self, folder: str | Path) -> Path:
-        """The adapter as mlx-lm writes it: adapters.safetensors + adapter_config.json (`mlx_lm.load(adapter_path=)`)."""
-        from rmx_local.io import atomic_dir
-
-        cfg = {"fine_tune_type": "lora", "num_layers": len(self.model.layers),
-               "lora_parameters": {"rank": self.lora["rank"], "scale": self.lora["alpha"] / self.lora["rank"],
-                                   "dropout": self.lora["dropout"], "keys": self.lora["keys"]}}
-        with atomic_dir(folder) as tmp:
-            mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(self.model.trainable_parameters())))
-            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        return Path(folder)
-
     # ---- optimizer state ------------------------------------------------------------------------
     def save_optimizer(self, path: str) -> None:
         from safetensors.numpy import save
-
-        from rmx_local.io import atomic_write_bytes
 
         state = {k: np.array(v) for k, v in tree_flatten(self.optimizer.state)}
         atomic_write_bytes(path, save(state, metadata={"format": "mlx-adamw"}))

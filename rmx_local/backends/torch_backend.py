@@ -20,14 +20,22 @@ import torch
 from rmx_local import distributed as dist
 from rmx_local.adapter import PEFT_PREFIX, LoraAdapter, model_facts
 from rmx_local.archs import lora_targets
-from rmx_local.backends import Progress, SampleParams, TrainExample, group_completions
-from rmx_local.errors import RmxError
+from rmx_local.backends.base import Progress, SampleParams, TrainExample, group_completions
 from rmx_local.backends.torch_packing import pack, packed_logits, split_passes
 from rmx_local.backends.torch_sampling import decode
-from rmx_local.backends.torch_vocab import (LOGITS_BUDGET_BYTES, chunk_rows, chunked_entropy, flat_positions, lse_and_kl,
-                                            packed_hidden, split_head, target_logits)
+from rmx_local.backends.torch_vocab import (
+    LOGITS_BUDGET_BYTES,
+    chunk_rows,
+    chunked_entropy,
+    flat_positions,
+    lse_and_kl,
+    packed_hidden,
+    split_head,
+    target_logits,
+)
+from rmx_local.errors import RmxError
+from rmx_local.io import atomic_write_bytes
 from rmx_local.loss import combine_terms, position_terms, prediction_gate, token_entropy
-
 
 ACTIVATION_BUDGET_BYTES = 320 * 2**20  # activations of one training pass (it holds one sequence at least)
 
@@ -276,8 +284,6 @@ class TorchBackend:
 
     def save_optimizer(self, path: str) -> None:
         import io as _io
-
-        from rmx_local.io import atomic_write_bytes
 
         buf = _io.BytesIO()
         torch.save(self.optimizer.state_dict(), buf)

@@ -21,7 +21,7 @@ import inspect
 
 import torch
 
-from rmx_local.backends import Progress, SampleParams, common_prefix
+from rmx_local.backends.base import Progress, SampleParams, common_prefix
 
 try:
     from transformers.cache_utils import DynamicLayer

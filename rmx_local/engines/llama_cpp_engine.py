@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rmx_local.backends import Progress, SampleParams, common_prefix
-from rmx_local.engines import derive_seed, retokenize
+from rmx_local.engines.base import derive_seed, retokenize
 from rmx_local.errors import RmxError
 
 

@@ -57,7 +57,7 @@ from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
 from rmx_local.backends import Progress, SampleParams
-from rmx_local.engines import derive_seed, eos_texts, retokenize
+from rmx_local.engines.base import derive_seed, eos_texts, retokenize
 from rmx_local.engines.endpoints import Endpoint, Fleet
 from rmx_local.errors import RmxError
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from rmx_local.adapter import LoraAdapter, save_peft
+from rmx_local.archs import Shape, lookup
+from rmx_local.models import resolve_model
 
 
 def logit_agreement(delta: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -93,8 +95,6 @@ def random_adapter(model_config: dict, architecture: str, base_model: str = "", 
                    b_std: float = 0.02, seed: int = 0, layers: list[int] | None = None) -> LoraAdapter:
     """A LoRA with a visible effect (B ~ N(0, b_std), A ~ U(+-1/sqrt(in))), for runtime checks; `targets` are mapped
     to the architecture's own linears (phi3: q/k/v -> qkv_proj)."""
-    from rmx_local.archs import Shape, lookup
-
     arch, shape = lookup(architecture), Shape.from_config(model_config)
     wanted = arch.lora_targets(list(targets))
     rng = np.random.default_rng(seed)
@@ -118,9 +118,6 @@ def base_setup(spec: str = "embedded:smollm2-135m-instruct", prompt: str = PROBE
     import json
 
     from transformers import AutoTokenizer
-
-    from rmx_local.archs import Shape
-    from rmx_local.models import resolve_model
 
     source = resolve_model(spec)
     config = json.loads((Path(source.hf_path) / "config.json").read_text())

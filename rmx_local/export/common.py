@@ -8,10 +8,13 @@ models, where an adapter on `output` would be silently ignored.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from rmx_local.adapter import LoraAdapter
 from rmx_local.archs import NEVER, Arch, Shape, lookup
 from rmx_local.errors import RmxError
+from rmx_local.io import read_json
+from rmx_local.models import model_summary
 
 _MODULE_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
@@ -80,3 +83,22 @@ def permuted_heads(arch: Arch, key: str, shape: Shape) -> int | None:
     if not arch.permute_qk:
         return None
     return {"self_attn.q_proj": shape.heads, "self_attn.k_proj": shape.kv_heads}.get(key)
+
+
+def check_same_base(adapter: LoraAdapter, hf_path: str, label: str) -> None:
+    """Refuse an adapter whose shape differs from the base model (folder `hf_path`) it is exported for."""
+    config = Path(hf_path) / "config.json"
+    if config.is_file() and adapter.model_config:
+        check_fits(adapter, "export", read_json(config), label)
+
+
+def complete_from_base(adapter: LoraAdapter, hf_path: str) -> LoraAdapter:
+    """Fill in architecture / model_config from the base's config.json when the adapter lacks them."""
+    needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
+    if adapter.architecture and all(k in adapter.model_config for k in needed):
+        return adapter
+    info = model_summary(hf_path)
+    adapter.architecture = adapter.architecture or info.pop("model_type")
+    info.pop("model_type", None)
+    adapter.model_config = {**info, **adapter.model_config}
+    return adapter

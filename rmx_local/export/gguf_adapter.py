@@ -179,3 +179,11 @@ def read_gguf_adapter(path: str | Path, model_config: dict | None = None) -> Lor
         architecture=arch.model_type, model_config=shape.as_config() if shape and "model_type" in cfg else cfg, weights=weights)
     adapter.validate()
     return adapter
+
+
+def gguf_adapter_base(path: str | Path) -> str:
+    """The base model name a GGUF adapter records (general.base_model.0.name, written by `write_gguf_adapter`), or ""."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    return fields["general.base_model.0.name"].contents() if "general.base_model.0.name" in fields else ""

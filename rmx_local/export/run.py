@@ -8,23 +8,25 @@ atomically and carries a README.md model card.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
-import tomllib
 from pathlib import Path
 
-from rmx_local.adapter import LoraAdapter, load_peft, save_peft
+from rmx_local.adapter import LoraAdapter, save_peft
+from rmx_local.archs import ARCHS
 from rmx_local.errors import RmxError
 from rmx_local.export.card import model_card
-from rmx_local.archs import ARCHS
-from rmx_local.export.common import check_fits
+from rmx_local.export.common import check_same_base, complete_from_base
 from rmx_local.export.gguf_adapter import OUTTYPES, write_gguf_adapter
 from rmx_local.export.mlx_adapter import write_mlx_adapter
 from rmx_local.export.ollama import write_ollama
 from rmx_local.io import atomic_dir, atomic_write_text, read_json
 from rmx_local.lock import run_lock
 from rmx_local.model_check import check_model_source
+from rmx_local.models import model_summary, resolve_model
 from rmx_local.recipe import EXPORT_FORMATS
+from rmx_local.runfolder import load_run_adapter, run_base_spec, variant_adapter
 
 FORMATS = EXPORT_FORMATS
 GGUF_NAME = "adapter.gguf"
@@ -77,66 +79,6 @@ def check_exportable(formats: list[str] | str, hf_path: str, base_gguf: str | No
     return skipped
 
 
-def check_same_base(adapter: LoraAdapter, spec: str) -> None:
-    """Refuse an adapter whose shape differs from the base model it is exported for (one check: common.check_fits)."""
-    from rmx_local.models import resolve_model
-
-    config = Path(resolve_model(spec).hf_path) / "config.json"
-    if config.is_file() and adapter.model_config:
-        check_fits(adapter, "export", read_json(config), repr(spec))
-
-
-def run_base_spec(run_dir: Path, adapter: LoraAdapter | None = None) -> str:
-    """The base model spec of a run: recipe.toml's `model`, else the adapter's base_model."""
-    recipe = run_dir / "recipe.toml"
-    if recipe.is_file():
-        try:
-            model = tomllib.loads(recipe.read_text()).get("model")
-        except tomllib.TOMLDecodeError as e:
-            raise RmxError(f"{recipe}: not valid TOML ({e})", fix="repair or delete the file") from None
-        if model:
-            return str(model)
-    if adapter is not None and adapter.base_model:
-        return adapter.base_model
-    raise RmxError(f"{run_dir}: cannot tell the base model (no recipe.toml `model`, none in the adapter)",
-                   fix="restore RUN_DIR/recipe.toml")
-
-
-def load_run_adapter(run_dir: str | Path) -> LoraAdapter:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RmxError(f"{run_dir}: run folder not found", fix="pass the folder `rmx-local run` created")
-    if not (run_dir / "adapter").is_dir():
-        raise RmxError(f"{run_dir}: no adapter/ folder in this run", fix="finish training with `rmx-local run` first")
-    return load_peft(run_dir / "adapter")
-
-
-def variant_adapter(run_dir: str | Path, name: str) -> LoraAdapter:
-    """A sweep variant's adapter, by name (RUN_DIR/sweep.json names each variant's folder)."""
-    path = Path(run_dir) / "sweep.json"
-    if not path.is_file():
-        raise RmxError(f"{run_dir}: no sweep.json, so no variants to export",
-                       fix="export without --variant, or run a recipe with sweep.enabled = true")
-    rows = {r["name"]: r for r in read_json(path)["variants"]}
-    if name not in rows:
-        raise RmxError(f"{path}: no variant {name!r}", fix=f"choose one of {', '.join(rows)}")
-    return load_peft(Path(run_dir) / rows[name]["folder"] / "adapter")
-
-
-def complete_from_base(adapter: LoraAdapter, spec: str) -> LoraAdapter:
-    """Fill in architecture / model_config from the base's config.json when the adapter lacks them."""
-    needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
-    if adapter.architecture and all(k in adapter.model_config for k in needed):
-        return adapter
-    from rmx_local.models import model_summary, resolve_model
-
-    info = model_summary(resolve_model(spec).hf_path)
-    adapter.architecture = adapter.architecture or info.pop("model_type")
-    info.pop("model_type", None)
-    adapter.model_config = {**info, **adapter.model_config}
-    return adapter
-
-
 def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f16",
                out_dir: str | Path | None = None, skipped: dict | None = None,
                variant: str | None = None) -> dict[str, Path]:
@@ -160,23 +102,22 @@ def export_run(run_dir: str | Path, formats: list[str] | str, outtype: str = "f1
 
 def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str, out_dir: str | Path | None,
             every: bool, skipped: dict, run_adapter: bool = True) -> dict[str, Path]:
-    from rmx_local.models import resolve_model
-
     has_summary = run_adapter and (run_dir / "summary.json").is_file()  # summary.json describes the run's adapter only
     summary = read_json(run_dir / "summary.json") if has_summary else {}
     spec = run_base_spec(run_dir, adapter)
     check_model_source(spec, weights=False)  # export reads the base's config.json and its GGUF, not its weights
     adapter.base_model = adapter.base_model or spec
-    base_gguf = resolve_model(spec).gguf_path if "ollama" in chosen else None
-    cannot = unexportable(chosen, adapter.architecture or _base_type(spec), base_gguf)
+    base = functools.cache(lambda: resolve_model(spec))  # resolved once, and only when a step below needs it
+    base_gguf = base().gguf_path if "ollama" in chosen else None
+    cannot = unexportable(chosen, adapter.architecture or model_summary(base().hf_path)["model_type"], base_gguf)
     if cannot and not every:
         fmt, (why, fix) = next(iter(cannot.items()))
         raise RmxError(f"export {fmt}: {why}", fix=fix)
     skipped.update(cannot)
     chosen = [f for f in chosen if f not in cannot]
     if any(f != "peft" for f in chosen):
-        check_same_base(adapter, spec)
-        adapter = complete_from_base(adapter, spec)
+        check_same_base(adapter, base().hf_path, repr(spec))
+        adapter = complete_from_base(adapter, base().hf_path)
     out = Path(out_dir) if out_dir else run_dir / "export"
     written: dict[str, Path] = {}
     if "peft" in chosen:
@@ -201,7 +142,11 @@ def _export(run_dir: Path, adapter: LoraAdapter, chosen: list[str], outtype: str
     return written
 
 
-def _base_type(spec: str) -> str:
-    from rmx_local.models import model_summary, resolve_model
-
-    return model_summary(resolve_model(spec).hf_path)["model_type"]
+def exported_adapter(run_dir: Path, fmt: str) -> Path:
+    """The run's adapter as `fmt` (gguf: the file, mlx: the folder) under RUN_DIR/export/, written on first use and
+    again whenever adapter/ is newer."""
+    artifact = run_dir / "export" / "gguf" / GGUF_NAME if fmt == "gguf" else run_dir / "export" / fmt
+    adapter_mtime = max(f.stat().st_mtime for f in (run_dir / "adapter").iterdir())
+    if not artifact.exists() or artifact.stat().st_mtime < adapter_mtime:
+        export_run(run_dir, [fmt])
+    return artifact

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rmx_local import distributed as dist
+from rmx_local.backends import load_backend
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_write_json, read_json
 from rmx_local.models import ModelSource, resolve_model
@@ -49,8 +50,6 @@ class RunContext:
     @property
     def backend(self):
         if self._backend is None:
-            from rmx_local.backends import load_backend
-
             with self.timed("load model"):
                 self._backend = load_backend(self.recipe, self.source, self.ui.line)
                 if self.start_adapter is not None:

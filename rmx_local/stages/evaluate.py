@@ -8,12 +8,11 @@ Base results are cached in the run folder (`eval/base-<key>.json`); adapted resu
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from rmx_local.backends import SampleParams
-from rmx_local.eval import Prompt, mean_se, score_problems
 from rmx_local.io import atomic_write_json, read_json
+from rmx_local.scoring import Prompt, mean_se, score_problems
 from rmx_local.stages import RunContext
 from rmx_local.tasks import Problem
 

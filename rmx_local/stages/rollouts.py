@@ -15,10 +15,17 @@ from dataclasses import asdict
 
 from rmx_local.backends import SampleParams
 from rmx_local.data import load_problems
+from rmx_local.engines import make_engine
 from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
 from rmx_local.stages import RunContext
-from rmx_local.tasks import Problem, arith_problems, arith_space_size, encode_prompts as encode_questions, resolve_template
+from rmx_local.tasks import (
+    Problem,
+    arith_problems,
+    arith_space_size,
+    encode_prompts as encode_questions,
+    resolve_template,
+)
 
 
 def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
@@ -71,8 +78,6 @@ def encode_prompts(ctx: RunContext, problems: list[Problem]) -> tuple[list[str],
 
 
 def make_rollout_engine(ctx: RunContext):
-    from rmx_local.engines import make_engine
-
     return make_engine(ctx.recipe, ctx.source, ctx.tokenizer, lambda: ctx.backend)
 
 

@@ -28,7 +28,6 @@ from rmx_local.io import Journal, atomic_write_json, read_json
 from rmx_local.stages import RunContext
 from rmx_local.stages.evaluate import score
 
-
 TRAIN_KEY_SECTIONS = ("model", "task", "rollout", "select", "gate", "train", "seed")  # what train/<key>/ hashes
 
 
