@@ -263,3 +263,29 @@ def test_fsdp_refuses_what_rank_0_would_run_alone(tmp_path, monkeypatch, overrid
     with pytest.raises(RmxError, match=says) as e:
         dist.check_supported(recipe)
     assert "fsdp = false" in e.value.fix
+
+
+def test_planner_prints_peak_per_rank_with_fsdp(tmp_path, monkeypatch):
+    from conftest import save_digit_model
+
+    from rmx_local.plan import Stage, print_plan, sharded_peaks
+    from rmx_local.recipe import load_recipe
+
+    gb = 2**30
+    stages = [Stage("rollouts", 20 * gb, 1.0, "k"), Stage("entropy", 18 * gb, 1.0, "k"), Stage("train", 24 * gb, 1.0, "k")]
+    # 28 layers of 0.5 GB on 4 ranks: 10.5 GB fewer per rank; entropy and training gather two layers at a time
+    assert sharded_peaks(stages, 4, 28, gb // 2) == [9.5 * gb, 8.5 * gb, 14.5 * gb]
+
+    class Capture:
+        def table(self, title, columns, rows):
+            self.columns, self.rows = columns, rows
+
+        def line(self, text):
+            pass
+
+    save_digit_model(tmp_path / "model")
+    recipe = load_recipe(None, [f"model={json.dumps(str(tmp_path / 'model'))}", "threads=1", "fsdp=true"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ui = Capture()
+    print_plan(recipe, ui)
+    assert ui.columns[-1] == "peak GB per rank, fsdp" and all(len(r) == 5 for r in ui.rows), ui.rows

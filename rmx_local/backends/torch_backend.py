@@ -115,7 +115,12 @@ class TorchBackend:
                            "which is not run unless the recipe sets trust_remote_code = true",
                            fix="set trust_remote_code = true only if you trust that code, or use a model transformers "
                                "supports natively") from None
-        return cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
+        backend = cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
+        if dist.sharded():
+            held, whole = dist.param_bytes(backend.model.get_decoder().layers)
+            note(f"fsdp: rank {dist.rank()} holds {held / 2**20:.4g} of {whole / 2**20:.4g} MiB of decoder-layer weights "
+                 f"({dist.world()} ranks; embeddings and head whole on every rank)")
+        return backend
 
     # ---- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SampleParams, progress: Progress | None = None) -> list[list[list[int]]]:
