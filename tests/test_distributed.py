@@ -1,6 +1,7 @@
 """Two ranks (torch.distributed, gloo, 127.0.0.1) against one process, on a tiny model: the entropy pass gives the
-same values, training the same adapter, and rank 0 alone writes the run folder. The slow test runs the CLI under
-`torchrun --nproc_per_node 2` and a kill -9 of one rank mid-training (benchmarks/distributed.py)."""
+same values, training the same adapter, and rank 0 alone writes the run folder; the same with fsdp = true (the base
+sharded), stopped mid-training and resumed in one process. The slow tests run the CLI under
+`torchrun --nproc_per_node 2` (with and without FSDP) and a kill -9 of one rank mid-training (benchmarks/distributed.py)."""
 
 import importlib.util
 import json
@@ -97,6 +98,18 @@ def test_torchrun_pipeline_and_kill_one_rank(tmp_path):
     rows = bench.run_checks(tmp_path, log=lambda s: None)
     assert {r["check"]: r["verdict"] for r in rows} == {"torchrun 2 ranks": "equal", "kill -9 rank 1, resume 2 ranks": "equal",
                                                        "kill -9 rank 1, resume 1 rank": "equal"}
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_pipeline_and_kill_one_rank(tmp_path):
+    """The CLI under torchrun with fsdp = true equals one process; killed mid-training, one plain process resumes it."""
+    spec = importlib.util.spec_from_file_location("distributed_bench", ROOT / "benchmarks" / "distributed.py")
+    bench = sys.modules["distributed_bench"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run_fsdp_checks(tmp_path, log=lambda s: None)
+    assert {r["check"]: r["verdict"] for r in rows} == {"torchrun 2 ranks, fsdp": "equal", "fsdp, kill -9 rank 1, resume 1 rank": "equal"}
+    held, whole = rows[0]["held bytes"]
+    assert held <= whole / 2 + 64 and held < whole
 
 
 def test_planner_prints_time_per_rank(tmp_path, monkeypatch):

@@ -118,7 +118,7 @@ class TorchBackend:
         backend = cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
         if dist.sharded():
             held, whole = dist.param_bytes(backend.model.get_decoder().layers)
-            note(f"fsdp: rank {dist.rank()} holds {held / 2**20:.4g} of {whole / 2**20:.4g} MiB of decoder-layer weights "
+            note(f"fsdp: rank {dist.rank()} holds {held:,} of {whole:,} bytes of decoder-layer weights "
                  f"({dist.world()} ranks; embeddings and head whole on every rank)")
         return backend
 
