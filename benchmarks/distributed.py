@@ -12,6 +12,13 @@ Checks, each against a one-process run of the same recipe:
 Printed per check: max |entropy difference| (nats), max |adapter tensor difference|, the training steps logged when
 killed, and the verdict: "equal" when both are <= TOLERANCE and the evaluation is identical. Shortcut: one thread
 per rank; the ranks share this machine's cores, so the seconds printed say nothing about speed-up.
+
+FSDP (`fsdp=true`, the frozen base's decoder layers sharded across the ranks), against one process of the same
+recipe; rollouts come from a stand-in OpenAI server (tests/test_distributed.py `completions_server`, the same
+answers for the same request) and evaluation is off, as a sharded run requires:
+  torchrun 2 ranks, fsdp                 the whole pipeline;
+  fsdp, kill -9 rank 1, resume 1 rank    rank 1 SIGKILLed mid-training, resumed by one plain process (no FSDP).
+Also printed: the decoder-layer bytes rank 0 holds and the whole (the CLI's "fsdp: rank 0 holds" line).
 """
 
 from __future__ import annotations
@@ -48,10 +55,11 @@ def command(recipe: Path, run_dir: Path, ranks: int, *overrides: str) -> list[st
             f"--master_port={free_port()}", *cli]
 
 
-def run(cmd: list[str], env: dict) -> None:
+def run(cmd: list[str], env: dict) -> str:
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return done.stdout
 
 
 def kill_rank_mid_training(cmd: list[str], run_dir: Path, env: dict, after_steps: int = 4) -> int:
@@ -119,12 +127,52 @@ def run_checks(work: Path, epochs: float = 30, log=print) -> list[dict]:
     return rows
 
 
+def run_fsdp_checks(work: Path, epochs: float = 30, log=print) -> list[dict]:
+    """The FSDP rows: a sharded torchrun run and a killed one resumed in one process, each against one process."""
+    import re
+
+    from conftest import tiny_world
+    from test_distributed import completions_server, fsdp_overrides
+
+    server = completions_server()
+    sharded = fsdp_overrides(f"http://127.0.0.1:{server.server_port}/v1")
+    recipe = tiny_world(work)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RMX_LOCAL_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    rows = []
+    t0 = time.monotonic()
+    try:
+        run(command(recipe, work / "one", 1, *sharded), env)
+        out = run(command(recipe, work / "fsdp", 2, *sharded), env)
+        held = re.search(r"fsdp: rank 0 holds ([\d,]+) of ([\d,]+) bytes", out)
+        rows.append({"check": "torchrun 2 ranks, fsdp", "killed at step": None, **compare(work / "one", work / "fsdp")})
+        long = (*sharded, f"train.epochs={epochs}")
+        run(command(recipe, work / "one-long", 1, *long), env)
+        folder = work / "fsdp-killed"
+        steps = kill_rank_mid_training(command(recipe, folder, 2, *long), folder, env)
+        run(command(recipe, folder, 1, *long), env)
+        rows.append({"check": "fsdp, kill -9 rank 1, resume 1 rank", "killed at step": steps, **compare(work / "one-long", folder)})
+    finally:
+        server.shutdown()
+    held_bytes = [int(x.replace(",", "")) for x in held.groups()] if held else None
+    mine = f"{held_bytes[0]:,} of {held_bytes[1]:,} bytes" if held_bytes else "? (no fsdp line)"
+    log(f"FSDP: tiny llama, 2 CPU ranks (gloo) vs 1 process, tolerance {TOLERANCE:g}; rank 0 holds {mine} of the "
+        f"decoder-layer weights; {time.monotonic() - t0:.0f} s in all")
+    log("| check | killed at step | steps | max abs entropy diff (nats) | max abs adapter diff | verdict |")
+    log("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        log(f"| {r['check']} | {r['killed at step'] or '-'} | {r['steps']} | {r['entropy']:.2g} | {r['adapter']:.2g} | {r['verdict']} |")
+    return [{**r, "held bytes": held_bytes} for r in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=float, default=30, help="training length of the kill checks")
+    ap.add_argument("--fsdp-only", action="store_true", help="only the FSDP rows")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        run_checks(Path(tmp), a.epochs)
+        if not a.fsdp_only:
+            run_checks(Path(tmp) / "ddp", a.epochs)
+        run_fsdp_checks(Path(tmp) / "fsdp", a.epochs)
 
 
 if __name__ == "__main__":

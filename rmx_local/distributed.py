@@ -19,15 +19,31 @@ What runs where:
                  (`main_first`); the other ranks wait, then find every output in the run folder and read it
                  (each stage resumes from the folder), writing nothing. Rank 0 alone holds the folder lock
                  (`run_lock`); the other ranks learn whether it got it.
+  fsdp = true    the frozen base's decoder layers are sharded across the ranks with FSDP2 (`fully_shard` per layer,
+                 `shard_layers`): each rank keeps 1/world of every layer's weights and all-gathers a layer's shards
+                 just before using it, then frees them. The embeddings, final norm and head stay whole on every
+                 rank (the chunked vocabulary loop calls the head a data-dependent number of times, which must not
+                 be a collective); so do the LoRA tensors, added after sharding and not managed by FSDP: their
+                 gradients are summed by `sum_grads` as above, every rank keeps the full LoRA and AdamW state, and a
+                 checkpoint is the same full state (resumable with any number of ranks, FSDP on or off). Every
+                 forward is now a collective, so every rank runs every pass: a rank short of entropy batches
+                 (`rounds`) or micro-batches (`deal`) gets empty ones, and the backend runs a zero-weight pass of a
+                 dummy sequence for them. Rank 0 cannot run the sharded model alone, so what runs on rank 0 only
+                 must not need it: rollouts from `rollout.engine = "openai"` / "llama_cpp", no evaluation and no
+                 validation in the run (`check_supported` says so in one line; evaluate the adapter on a server).
 Shortcuts: one filesystem shared by all ranks (one host, or a shared mount); `train.lora_dropout` > 0 draws other
-masks per rank than one process; no FSDP (a model must fit one device); the MLX backend and `rounds` > 1 are
-single-process; a dead rank stops the job (torchrun's default) and the rerun resumes from rank 0's last checkpoint.
+masks per rank than one process; the MLX backend and `rounds` > 1 are single-process; a dead rank stops the job
+(torchrun's default) and the rerun resumes from rank 0's last checkpoint. FSDP: decoder layers only (found as the
+decoder's `layers`), no CPU offload or mixed-precision policy (the weights keep the recipe's dtype), the LoRA
+replicated (small next to the base).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import sys
 from typing import Any, Callable, Iterator, TypeVar
 
 from rmx_local.errors import RmxError
@@ -35,6 +51,8 @@ from rmx_local.lock import run_lock as folder_lock
 
 T = TypeVar("T")
 PARALLEL_STAGES = ("entropy", "train")  # the stages whose work the ranks share (the planner divides their time)
+PAST_END = sys.maxsize  # FSDP: the start `rounds` gives a rank with no batch left (slicing from it gives [])
+_mesh: Any = None  # FSDP's device mesh over every rank, set by `check_supported` when the recipe has fsdp = true
 
 
 def world() -> int:
@@ -87,6 +105,78 @@ def check_supported(recipe: Any, backend: str) -> None:
     if recipe.rounds > 1:
         raise RmxError(f"rounds = {recipe.rounds} runs in one process only, and WORLD_SIZE = {world()}",
                        fix="set rounds = 1, or launch one process (no torchrun)")
+    if recipe.fsdp:
+        _check_fsdp(recipe)
+        start_fsdp()
+
+
+def start_fsdp() -> None:
+    """Shard from now on: FSDP's device mesh over every rank (every rank calls this, after `init`)."""
+    global _mesh
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _mesh = init_device_mesh("cuda" if _cuda() else "cpu", (world(),))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_fsdp(recipe: Any) -> None:
+    """With the base sharded, rank 0 cannot run a forward alone: what it runs alone must not need the model."""
+    why = "fsdp = true shards the model across the ranks, so rank 0 alone cannot run it"
+    if recipe.rollout.engine not in ("openai", "llama_cpp"):
+        raise RmxError(f"{why} to sample rollouts (rollout.engine = {recipe.rollout.engine!r})",
+                       fix='set rollout.engine = "openai" with rollout.urls (vLLM or llama.cpp servers), or fsdp = false')
+    if recipe.eval.greedy or recipe.eval.n_samples:
+        raise RmxError(f"{why} to evaluate (eval.greedy = {str(recipe.eval.greedy).lower()}, eval.n_samples = "
+                       f"{recipe.eval.n_samples})", fix="set eval.greedy = false and eval.n_samples = 0 and evaluate "
+                       "the adapter on a vLLM server with LoRA (docs/multi-gpu.md), or fsdp = false")
+    if recipe.task.val_size or recipe.train.select_on_train:
+        raise RmxError(f"{why} to score checkpoints on validation problems (task.val_size = {recipe.task.val_size}, "
+                       f"train.select_on_train = {str(recipe.train.select_on_train).lower()})",
+                       fix="set task.val_size = 0 and train.select_on_train = false (the last checkpoint is kept), or fsdp = false")
+
+
+def sharded() -> bool:
+    """True when this run's frozen base is sharded across the ranks (recipe fsdp = true under torchrun)."""
+    return _mesh is not None
+
+
+def shard_layers(model: Any) -> None:
+    """FSDP2 `fully_shard` on each decoder layer of `model` (the frozen base, before any LoRA): each rank keeps
+    1/world of each layer's weights; a layer's forward all-gathers them and frees them after (also in backward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    if not layers:
+        raise RmxError(f"fsdp: found no decoder layers in this {type(model).__name__} (its decoder has no `layers`)",
+                       fix="set fsdp = false (every rank then holds the whole model)")
+    for layer in layers:
+        fully_shard(layer, mesh=_mesh, reshard_after_forward=True)
+
+
+def param_bytes(module: Any) -> tuple[int, int]:
+    """(bytes of `module`'s parameters held by this rank, bytes of the whole parameters): FSDP shards count locally."""
+    held = full = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        held += local.numel() * local.element_size()
+        full += p.numel() * p.element_size()
+    return held, full
+
+
+def most(n: int) -> int:
+    """The largest `n` over the ranks."""
+    if world() == 1:
+        return n
+    import torch
+
+    t = torch.tensor([n], device=device("cuda") if _cuda() else "cpu")  # NCCL reduces CUDA tensors
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    return int(t.item())
 
 
 def device(name: str) -> str:
@@ -135,14 +225,20 @@ def main_first(fn: Callable[[], T]) -> T:
 
 
 def deal(items: list[T]) -> list[T]:
-    """This rank's share of `items`: items rank, rank + world, ..."""
-    return items[rank() :: world()]
+    """This rank's share of `items`: items rank, rank + world, ... Sharded (FSDP), every rank gets as many: a rank
+    short of one gets an empty list (an empty micro-batch, which the backend runs as a zero-weight pass)."""
+    mine = items[rank() :: world()]
+    return mine + [[]] * (math.ceil(len(items) / world()) - len(mine)) if sharded() else mine  # type: ignore[list-item]
 
 
 def rounds(items: list[T]) -> list[list[T]]:
-    """`items` cut into consecutive rounds of `world` (item r of a round is rank r's)."""
+    """`items` cut into consecutive rounds of `world` (item r of a round is rank r's). Sharded (FSDP), a short last
+    round is filled with `PAST_END`, a batch start past any list's end: that rank scores an empty batch."""
     n = world()
-    return [items[i : i + n] for i in range(0, len(items), n)]
+    out = [items[i : i + n] for i in range(0, len(items), n)]
+    if sharded() and out:
+        out[-1] = out[-1] + [PAST_END] * (n - len(out[-1]))  # type: ignore[list-item]
+    return out
 
 
 def sum_tensors(tensors: list[Any]) -> None:

@@ -242,8 +242,10 @@ def plan(r: Recipe, hf_path: str, machine: Machine | None = None) -> tuple[list[
     measured = measured_completion(r.run_dir)
     C = measured if measured is not None else ASSUMED_COMPLETION * r.rollout.max_tokens
     stages = estimate(r, facts, machine, P, C, torch.finfo(dtype).bits // 8, LOGITS_BUDGET_BYTES, shared)
+    layer_params = (facts.params - facts.vocab * facts.hidden * (1 if facts.tied else 2) - facts.hidden) // facts.layers
     facts_out = {"params": facts.params, "device": device, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": P,
-                 "completion_tokens": C, "completion_measured": measured is not None, "machine": machine}
+                 "completion_tokens": C, "completion_measured": measured is not None, "machine": machine,
+                 "layers": facts.layers, "layer_bytes": layer_params * (torch.finfo(dtype).bits // 8)}
     return stages, facts_out
 
 
@@ -259,9 +261,18 @@ def verdict(stages: list[Stage], memory: int) -> str | None:
 def per_rank(stages: list[Stage], ranks: int) -> list[float]:
     """Each stage's seconds under torchrun with `ranks` processes, one device each: the data-parallel stages'
     work split evenly (`distributed.PARALLEL_STAGES`), the rest on rank 0 while the others wait. Memory per rank
-    is the one-process peak (every rank holds the whole model). Shortcut: communication is not counted (one
+    is the one-process peak (every rank holds the whole model), or `sharded_peaks` with fsdp = true. Shortcut: communication is not counted (one
     all-reduce of the LoRA gradients per step, one gather of entropies per batch round)."""
     return [s.seconds / ranks if s.name in PARALLEL_STAGES else s.seconds for s in stages]
+
+
+def sharded_peaks(stages: list[Stage], ranks: int, layers: int, layer_bytes: int) -> list[float]:
+    """Each stage's peak bytes per rank with `fsdp = true`: the decoder layers' weights held 1/ranks each, plus, in
+    the stages that run the model (`PARALLEL_STAGES`), two layers gathered whole at a time (FSDP frees a layer after
+    its forward and gathers it again for backward; the next one may be in flight). Embeddings, head, LoRA and Adam
+    stay whole on every rank. Rollouts then come from servers: their row is the servers' cost, not a rank's."""
+    saved = layers * layer_bytes * (1 - 1 / ranks)
+    return [s.peak_bytes - saved + (2 * layer_bytes if s.name in PARALLEL_STAGES else 0) for s in stages]
 
 
 def print_plan(r: Recipe, ui) -> None:
@@ -283,6 +294,12 @@ def print_plan(r: Recipe, ui) -> None:
         for row, t in zip(rows, times + [sum(times)]):
             row.append(_duration(t))
         columns.append(f"time, {ranks} ranks")
+        if r.fsdp:
+            peaks = sharded_peaks(stages, ranks, f["layers"], f["layer_bytes"])
+            for row, peak in zip(rows, peaks + [max(peaks)]):
+                row.append(f"{peak / 2**30:.2f}")
+            columns.append("peak GB per rank, fsdp")
+            stages = [Stage(s.name, peak, s.seconds, s.knob) for s, peak in zip(stages, peaks)]  # what must fit
     ui.table(f"estimate: {f['params'] / 1e6:,.0f}M parameters, {f['device']} {f['dtype']}, {m.memory / 2**30:.0f} GB {where}",
              columns, rows)
     ui.line(f"basis: this machine {m.flops / 1e9:,.0f} GFLOP/s (matmul), {m.bandwidth / 1e9:,.1f} GB/s; prompts ~{f['prompt_tokens']} "

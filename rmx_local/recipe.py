@@ -171,6 +171,9 @@ class Recipe:
     run_dir: str = "runs/default"  # the run folder: every output, and what a rerun resumes from
     trust_remote_code: bool = False  # let transformers run a hub model's own code
     threads: int = ranged(0, "[0, inf)")  # torch CPU threads (0 = all cores)
+    # under torchrun: shard the frozen base's decoder layers across the ranks (FSDP2), for a model that does not fit
+    # one device; rollouts and evaluation then come from servers (docs/multi-gpu.md). One process: no effect
+    fsdp: bool = False
     report: bool = True  # write RUN/report/index.html at the end of `rmx-local run` (skipped when matplotlib is missing)
     # sample -> select -> gate -> train, repeated with the adapted model as the sampler; paper: 1
     rounds: int = ranged(1, "[1, inf)")

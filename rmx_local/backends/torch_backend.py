@@ -7,6 +7,12 @@ KL, CE) runs a chunk of positions at a time from the decoder's hidden states (to
 bounded by `logits_budget` bytes (default `torch_vocab.LOGITS_BUDGET_BYTES`) instead of batch x length x vocab.
 A training micro-batch whose activations would pass `activation_budget` bytes (estimated: `saved_floats` per token
 per layer kept for backward) runs as several packed forward/backward passes; the gradients add up to the same sum.
+FSDP (recipe fsdp = true under torchrun, rmx_local/distributed.py): the decoder layers are sharded right after loading,
+before the model moves to its device; every forward is then a collective, so an empty entropy batch or micro-batch
+still runs one zero-weight pass of a dummy sequence, every rank runs as many training passes as the busiest, and the
+no-grad passes use `torch.no_grad` (FSDP's gathered weights first made under `inference_mode` could not be written
+by a later training pass). Nothing at load or LoRA set-up runs a forward then (the head split is checked before
+sharding), so rank 0 can load the model and copy an adapter into it alone.
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: Any, tokenizer: Any, device: str = "cpu", batch_size: int = 64, model_name: str = ""):
+        if dist.sharded():  # FSDP: this rank keeps its shard of each decoder layer; the head split is checked first
+            self.split = split_head(model)  # (a forward of the sharded model is a collective)
+            dist.shard_layers(model)
         self.model = model.to(device)
         self.model.eval()
         self.tokenizer = tokenizer
@@ -84,7 +93,8 @@ class TorchBackend:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        self.split = split_head(self.model)  # (decoder, head) for chunked full-vocabulary passes; None = full logits
+        if not dist.sharded():
+            self.split = split_head(self.model)  # (decoder, head) for chunked full-vocabulary passes; None = full logits
         self.logits_budget = LOGITS_BUDGET_BYTES
         self.activation_budget = ACTIVATION_BUDGET_BYTES
 
@@ -113,7 +123,12 @@ class TorchBackend:
                            "which is not run unless the recipe sets trust_remote_code = true",
                            fix="set trust_remote_code = true only if you trust that code, or use a model transformers "
                                "supports natively") from None
-        return cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
+        backend = cls(model, tokenizer, device, recipe.rollout.batch_size, source.spec)
+        if dist.sharded():
+            held, whole = dist.param_bytes(backend.model.get_decoder().layers)
+            note(f"fsdp: rank {dist.rank()} holds {held:,} of {whole:,} bytes of decoder-layer weights "
+                 f"({dist.world()} ranks; embeddings and head whole on every rank)")
+        return backend
 
     # ---- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SampleParams, progress: Progress | None = None) -> list[list[list[int]]]:
@@ -126,9 +141,25 @@ class TorchBackend:
     def _rows(self) -> int:
         return chunk_rows(self.model.config.vocab_size, self.logits_budget)
 
-    @torch.inference_mode()
+    def _no_grad(self):
+        return torch.no_grad() if dist.sharded() else torch.inference_mode()
+
+    def _dummy(self) -> TrainExample:
+        """A two-token sequence: the pass an FSDP rank with no work runs so that the others' collectives match."""
+        return TrainExample([self.pad_id, self.pad_id], 1, np.zeros(1, dtype=bool), 0.0)
+
     def entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
-        """One packed forward per call: rollouts that share a prompt share its forward (see torch_packing)."""
+        """One packed forward per call: rollouts that share a prompt share its forward (see torch_packing). Sharded,
+        an empty call runs the forward of a dummy sequence (every rank must run every layer's all-gather)."""
+        if not sequences:
+            if dist.sharded():
+                with self._no_grad():
+                    self._entropies([(self._dummy().tokens, 1)])
+            return []
+        with self._no_grad():
+            return self._entropies(sequences)
+
+    def _entropies(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
         packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
         with self._adapter_off():
             if self.split is None:
@@ -166,7 +197,10 @@ class TorchBackend:
         with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(self.model, config)
-        self.split = split_head(self.model)  # a LoRA on the output head disables the chunked path
+        if not dist.sharded():
+            self.split = split_head(self.model)  # a LoRA on the output head disables the chunked path
+        elif self.split is not None and self.model.get_base_model().get_output_embeddings() is not self.split[1]:
+            self.split = None  # sharded: no check forward (rank 0 may be alone here); the head got a LoRA
         self.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
@@ -189,13 +223,18 @@ class TorchBackend:
         cfg = self.model.config
         inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
         per_token = cfg.num_hidden_layers * saved_floats(cfg.hidden_size, inter) * self.model.dtype.itemsize
-        pieces = split_passes([(ex.tokens, ex.prompt_len) for ex in batch], max(1, self.activation_budget // per_token))
+        pieces = split_passes([(ex.tokens, ex.prompt_len) for ex in batch], max(1, self.activation_budget // per_token)) if batch else []
+        if dist.sharded():  # every rank runs as many passes as the busiest; the extra ones weigh 0
+            pieces += [[]] * (dist.most(len(pieces)) - len(pieces))
         totals: dict[str, float] = {}
         self.model.train()
         for piece in pieces:
-            part = [batch[i] for i in piece]
+            part = [batch[i] for i in piece] or [self._dummy()]
             packed = pack([(ex.tokens, ex.prompt_len) for ex in part], self.pad_id, self.model.dtype, self.device)
             terms = (self._chunked_terms if self.split is not None else self._full_terms)(packed, bool(kl_coef))
+            if not piece:
+                (sum(ce.sum() + kl.sum() for ce, kl in terms) * 0.0).backward()
+                continue
             total = 0.0
             for ex, (ce, kl) in zip(part, terms):
                 g = prediction_gate(torch.as_tensor(ex.gate, dtype=torch.bool, device=self.device), ex.prompt_len, len(ex.tokens))
