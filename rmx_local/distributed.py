@@ -52,7 +52,7 @@ from rmx_local.lock import run_lock as folder_lock
 T = TypeVar("T")
 PARALLEL_STAGES = ("entropy", "train")  # the stages whose work the ranks share (the planner divides their time)
 PAST_END = sys.maxsize  # FSDP: the start `rounds` gives a rank with no batch left (slicing from it gives [])
-_mesh: Any = None  # FSDP's device mesh over every rank, set by `check_supported` when the recipe has fsdp = true
+_mesh: Any = None  # FSDP's device mesh over every rank, set by `start_fsdp` (pipeline: recipe fsdp = true, WORLD_SIZE > 1)
 
 
 def world() -> int:
@@ -107,7 +107,6 @@ def check_supported(recipe: Any, backend: str) -> None:
                        fix="set rounds = 1, or launch one process (no torchrun)")
     if recipe.fsdp:
         _check_fsdp(recipe)
-        start_fsdp()
 
 
 def start_fsdp() -> None:

@@ -21,6 +21,8 @@ def run_pipeline(recipe: Recipe, ui: UI | None = None) -> dict:
     ui = ui or UI()
     dist.init()  # torchrun / accelerate launch: one process per device (rmx_local/distributed.py)
     dist.check_supported(recipe, pick_backend_name(recipe.backend))
+    if recipe.fsdp and dist.world() > 1:
+        dist.start_fsdp()  # shard the frozen base's decoder layers from here on
     with dist.run_lock(recipe.run_dir, ui.line):
         check_model_source(recipe.model)  # before any stage: an unusable model is one line
         if recipe.sweep.enabled:

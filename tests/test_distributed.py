@@ -274,7 +274,7 @@ def test_fsdp_refuses_what_rank_0_would_run_alone(tmp_path, monkeypatch, overrid
     recipe = load_recipe(str(tiny_world(tmp_path)), [*fsdp_overrides("http://127.0.0.1:1/v1"), override])
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RmxError, match=says) as e:
-        dist.check_supported(recipe)
+        dist.check_supported(recipe, "torch")
     assert "fsdp = false" in e.value.fix
 
 
