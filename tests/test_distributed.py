@@ -113,27 +113,13 @@ def test_torchrun_fsdp_pipeline_and_kill_one_rank(tmp_path):
 
 
 def test_planner_prints_time_per_rank(tmp_path, monkeypatch):
-    from conftest import save_digit_model
-
-    from rmx_local.plan import Stage, per_rank, print_plan
-    from rmx_local.recipe import load_recipe
+    from rmx_local.plan import Stage, per_rank
 
     stages = [Stage("rollouts", 1, 60.0, "k"), Stage("entropy", 1, 40.0, "k"), Stage("train", 1, 80.0, "k"),
               Stage("eval base", 1, 10.0, "k")]
     assert per_rank(stages, 4) == [60.0, 10.0, 20.0, 10.0]  # rank 0 alone samples and evaluates
 
-    class Capture:
-        def table(self, title, columns, rows):
-            self.columns, self.rows = columns, rows
-
-        def line(self, text):
-            pass
-
-    save_digit_model(tmp_path / "model")
-    recipe = load_recipe(None, [f"model={json.dumps(str(tmp_path / 'model'))}", "threads=1", "train.epochs=20"])
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    ui = Capture()
-    print_plan(recipe, ui)
+    ui = plan_on_two_ranks(tmp_path, monkeypatch, "train.epochs=20")
     assert ui.columns[-1] == "time, 2 ranks" and all(len(r) == 4 for r in ui.rows), ui.rows
     row = {r[0]: r for r in ui.rows}
     assert row["rollouts"][2] == row["rollouts"][3] and row["whole run"][3] != row["whole run"][2], ui.rows
@@ -279,26 +265,37 @@ def test_fsdp_refuses_what_rank_0_would_run_alone(tmp_path, monkeypatch, overrid
 
 
 def test_planner_prints_peak_per_rank_with_fsdp(tmp_path, monkeypatch):
-    from conftest import save_digit_model
-
-    from rmx_local.plan import Stage, print_plan, sharded_peaks
-    from rmx_local.recipe import load_recipe
+    from rmx_local.plan import Stage, sharded_peaks
 
     gb = 2**30
     stages = [Stage("rollouts", 20 * gb, 1.0, "k"), Stage("entropy", 18 * gb, 1.0, "k"), Stage("train", 24 * gb, 1.0, "k")]
     # 28 layers of 0.5 GB on 4 ranks: 10.5 GB fewer per rank; entropy and training gather two layers at a time
     assert sharded_peaks(stages, 4, 28, gb // 2) == [9.5 * gb, 8.5 * gb, 14.5 * gb]
 
-    class Capture:
-        def table(self, title, columns, rows):
-            self.columns, self.rows = columns, rows
+    ui = plan_on_two_ranks(tmp_path, monkeypatch, "fsdp=true")
+    assert ui.columns[-1] == "peak GB per rank, fsdp" and all(len(r) == 5 for r in ui.rows), ui.rows
 
-        def line(self, text):
-            pass
+
+class _Capture:
+    """A UI that keeps the last table printed."""
+
+    def table(self, title, columns, rows):
+        self.columns, self.rows = columns, rows
+
+    def line(self, text):
+        pass
+
+
+def plan_on_two_ranks(tmp_path, monkeypatch, *overrides: str) -> _Capture:
+    """print_plan of a tiny digit model's recipe under WORLD_SIZE=2; the UI holds its table."""
+    from conftest import save_digit_model
+
+    from rmx_local.plan import print_plan
+    from rmx_local.recipe import load_recipe
 
     save_digit_model(tmp_path / "model")
-    recipe = load_recipe(None, [f"model={json.dumps(str(tmp_path / 'model'))}", "threads=1", "fsdp=true"])
+    recipe = load_recipe(None, [f"model={json.dumps(str(tmp_path / 'model'))}", "threads=1", *overrides])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ui = Capture()
+    ui = _Capture()
     print_plan(recipe, ui)
-    assert ui.columns[-1] == "peak GB per rank, fsdp" and all(len(r) == 5 for r in ui.rows), ui.rows
+    return ui
