@@ -89,13 +89,18 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     assert not list(two_dir.rglob(".rmx-lock")) and not list(two_dir.rglob(".*.tmp"))
 
 
-@pytest.mark.slow
-def test_torchrun_pipeline_and_kill_one_rank(tmp_path):
-    """The CLI under `torchrun --nproc_per_node 2` equals one process; a rank killed mid-training resumes to it."""
+def distributed_bench():
+    """benchmarks/distributed.py as a module (its checks are the slow tests)."""
     spec = importlib.util.spec_from_file_location("distributed_bench", ROOT / "benchmarks" / "distributed.py")
     bench = sys.modules["distributed_bench"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.run_checks(tmp_path, log=lambda s: None)
+    return bench
+
+
+@pytest.mark.slow
+def test_torchrun_pipeline_and_kill_one_rank(tmp_path):
+    """The CLI under `torchrun --nproc_per_node 2` equals one process; a rank killed mid-training resumes to it."""
+    rows = distributed_bench().run_checks(tmp_path, log=lambda s: None)
     assert {r["check"]: r["verdict"] for r in rows} == {"torchrun 2 ranks": "equal", "kill -9 rank 1, resume 2 ranks": "equal",
                                                        "kill -9 rank 1, resume 1 rank": "equal"}
 
@@ -103,10 +108,7 @@ def test_torchrun_pipeline_and_kill_one_rank(tmp_path):
 @pytest.mark.slow
 def test_torchrun_fsdp_pipeline_and_kill_one_rank(tmp_path):
     """The CLI under torchrun with fsdp = true equals one process; killed mid-training, one plain process resumes it."""
-    spec = importlib.util.spec_from_file_location("distributed_bench", ROOT / "benchmarks" / "distributed.py")
-    bench = sys.modules["distributed_bench"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.run_fsdp_checks(tmp_path, log=lambda s: None)
+    rows = distributed_bench().run_fsdp_checks(tmp_path, log=lambda s: None)
     assert {r["check"]: r["verdict"] for r in rows} == {"torchrun 2 ranks, fsdp": "equal", "fsdp, kill -9 rank 1, resume 1 rank": "equal"}
     held, whole = rows[0]["held bytes"]
     assert held <= whole / 2 + 64 and held < whole
