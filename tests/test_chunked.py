@@ -33,7 +33,11 @@ def backend(tokenizer, chunked: bool) -> TorchBackend:
 
 
 def with_lora(b: TorchBackend, targets=("q_proj", "v_proj", "o_proj")) -> TorchBackend:
+    """`init_lora` probes the head again (`split_head`); a backend made full-logits stays so."""
+    full = b.split is None
     b.init_lora(4, 8.0, 0.0, list(targets), seed=0)
+    if full:
+        b.split = None
     torch.manual_seed(1)
     for p in b.model.parameters():  # move B off zero so the adapted and base distributions differ
         if p.requires_grad:
