@@ -26,7 +26,11 @@ output head's where the head is applied (every sampled token; in entropy and tra
 positions: the prompt never reaches the vocabulary), 3 x that for a training step. Shortcuts of the bound: the
 embedding lookup is free (a tied embedding counts once, as the head); attention's score FLOPs, the softmax and
 entropy over the vocabulary and the optimizer are not counted, and a LoRA step (adapter-off forward, adapter-on
-forward, input-gradient backward) is charged the dense 3 x forward.
+forward, input-gradient backward) is charged the dense 3 x forward. The sample stage's rate also pays for work its
+bound leaves out: the prefill of each distinct prompt (`PROMPT` tokens of decoder FLOPs; Gemma 3 270M, 8 rows a
+prompt, 16 new tokens: 19% more FLOPs than counted) and the draw, which on random weights is a multinomial over
+the whole vocabulary (top_p = 1) where a trained model's top-p ranks only the top 64 (torch_sampling.HEAD); so
+its ratio is a lower bound.
 """
 
 from __future__ import annotations

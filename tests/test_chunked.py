@@ -33,7 +33,11 @@ def backend(tokenizer, chunked: bool) -> TorchBackend:
 
 
 def with_lora(b: TorchBackend, targets=("q_proj", "v_proj", "o_proj")) -> TorchBackend:
+    """`init_lora` probes the head again (`split_head`); a backend made full-logits stays so."""
+    full = b.split is None
     b.init_lora(4, 8.0, 0.0, list(targets), seed=0)
+    if full:
+        b.split = None
     torch.manual_seed(1)
     for p in b.model.parameters():  # move B off zero so the adapted and base distributions differ
         if p.requires_grad:
@@ -65,6 +69,31 @@ def test_chunked_entropies_equal_full_logits(tokenizer):
     for a, b in zip(chunked, full):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert float(np.concatenate(full).std()) > 0.01  # not a degenerate constant
+
+
+def test_chunked_kl_from_base_equals_full_logits(tokenizer, monkeypatch):
+    """`eval --kl`: same per-token KL on both paths (1e-6), the chunked one never forms full logits and applies the
+    head to at most 3 positions at a time; another adapter gives other values, so the comparison can fail."""
+    seqs = [(ex.tokens, ex.prompt_len) for ex in batch(np.random.default_rng(5))]
+    full = with_lora(backend(tokenizer, False)).kl_from_base(seqs)
+    b = with_lora(backend(tokenizer, True))
+    head_rows = []
+    b.model.get_base_model().lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[0]))
+    monkeypatch.setattr("rmx_local.backends.torch_backend.packed_logits", None)  # a full-logits call would raise
+    chunked = b.kl_from_base(seqs)
+    assert [k.shape for k in chunked] == [k.shape for k in full] == [(len(t) - p,) for t, p in seqs]
+    shared = 2 + 1  # rollouts 2-3 of problem 1 and 2 of problem 2 share the first prediction position of their prompt
+    assert max(head_rows) == 3 and sum(head_rows) == 2 * (sum(len(t) - p for t, p in seqs) - shared)  # base + adapted
+    for a, f in zip(chunked, full):
+        assert a.dtype == f.dtype == np.float32
+        np.testing.assert_allclose(a, f, rtol=1e-6, atol=1e-6)
+    assert float(np.concatenate(full).min()) >= -1e-6 and float(np.concatenate(full).mean()) > 1e-2  # KL, and live
+    torch.manual_seed(2)
+    for p in b.model.parameters():  # another adapter: the comparison above is not vacuous
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    other = np.concatenate(b.kl_from_base(seqs))
+    assert np.abs(other - np.concatenate(full)).max() > 1e-2
 
 
 @pytest.mark.parametrize("cap", [0.0, 5.0])

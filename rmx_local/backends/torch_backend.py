@@ -29,16 +29,8 @@ from rmx_local.archs import lora_targets
 from rmx_local.backends.base import Progress, SampleParams, TrainExample, group_completions
 from rmx_local.backends.torch_packing import pack, packed_logits, split_passes
 from rmx_local.backends.torch_sampling import decode
-from rmx_local.backends.torch_vocab import (
-    LOGITS_BUDGET_BYTES,
-    chunk_rows,
-    chunked_entropy,
-    flat_positions,
-    lse_and_kl,
-    packed_hidden,
-    split_head,
-    target_logits,
-)
+from rmx_local.backends.torch_vocab import (LOGITS_BUDGET_BYTES, chunk_rows, chunked_entropy, chunked_kl, flat_positions,
+                                            lse_and_kl, packed_hidden, split_head, target_logits)
 from rmx_local.errors import RmxError
 from rmx_local.io import atomic_write_bytes
 from rmx_local.loss import combine_terms, position_terms, prediction_gate, token_entropy
@@ -173,12 +165,22 @@ class TorchBackend:
 
     @torch.inference_mode()
     def kl_from_base(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
-        """KL(base || adapted) (nats) of the distributions predicting each completion token (`rmx-local eval --kl`)."""
+        """KL(base || adapted) (nats) of the distributions predicting each completion token (`rmx-local eval --kl`).
+        Chunked like `entropies`: two packed forwards to hidden states (adapter off, then on), the head applied only
+        at completion-predicting positions, `_rows()` at a time; full (R, L, V) logits only when the head does not
+        split off (`self.split` is None)."""
         packed = pack(sequences, self.pad_id, self.model.dtype, self.device)
+        if self.split is None:
+            with self._adapter_off():
+                base_logits = packed_logits(self.model, packed)
+            _, kl = position_terms(packed_logits(self.model, packed), base_logits)
+            return [kl[packed.row[i], packed.index[i][p - 1 :]].float().cpu().numpy() for i, (_, p) in enumerate(sequences)]
+        decoder, head = self.split
+        unique, where = flat_positions(packed, [p - 1 for _, p in sequences])
         with self._adapter_off():
-            base_logits = packed_logits(self.model, packed)
-        _, kl = position_terms(packed_logits(self.model, packed), base_logits)
-        return [kl[packed.row[i], packed.index[i][p - 1 :]].float().cpu().numpy() for i, (_, p) in enumerate(sequences)]
+            base_hidden = packed_hidden(decoder, packed)[unique]
+        kl = chunked_kl(packed_hidden(decoder, packed)[unique], base_hidden, head, self._rows())
+        return [kl[w].cpu().numpy() for w in where]
 
     # ---- LoRA and training ------------------------------------------------------------------------
     def init_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int) -> None:

@@ -1,4 +1,5 @@
-"""Full-vocabulary terms a chunk of positions at a time: entropy for scoring, log-sum-exp and KL for the loss.
+"""Full-vocabulary terms a chunk of positions at a time: entropy for scoring, KL for `eval --kl`, log-sum-exp and
+KL for the loss.
 
 A causal LM's forward projects every position onto the vocabulary at once: (rows, length, vocab) logits, and
 as many fp32 copies again for log-softmax, probabilities and their gradients. At 151k vocabulary (Qwen2.5) one
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from rmx_local.backends.torch_packing import Packed
-from rmx_local.loss import token_entropy
+from rmx_local.loss import position_terms, token_entropy
 
 LOGITS_BUDGET_BYTES = 128 * 2**20  # full-vocabulary fp32 tensors of one chunk, all copies together
 FP32_COPIES = 8  # vocabulary-sized fp32 tensors alive at once per position inside `_LseKl.forward`
@@ -72,6 +73,14 @@ def flat_positions(packed: Packed, first: list[int]) -> tuple[torch.Tensor, list
 def chunked_entropy(hidden: torch.Tensor, head: torch.nn.Linear, rows: int) -> torch.Tensor:
     """(N,) full-vocabulary entropy (nats, fp32) of the head's distribution at each of N hidden states."""
     return torch.cat([token_entropy(head(hidden[s : s + rows])) for s in range(0, hidden.shape[0], rows)])
+
+
+@torch.inference_mode()
+def chunked_kl(hidden: torch.Tensor, base_hidden: torch.Tensor, head: torch.nn.Linear, rows: int) -> torch.Tensor:
+    """(N,) KL(p_base || p_theta) (nats, fp32) between the head's distributions at base_hidden[j] and hidden[j];
+    no gradient (for that, `lse_and_kl`)."""
+    return torch.cat([position_terms(head(hidden[s : s + rows]), head(base_hidden[s : s + rows]))[1]
+                      for s in range(0, hidden.shape[0], rows)])
 
 
 class _LseKl(torch.autograd.Function):
