@@ -42,16 +42,8 @@ from rmx_local.io import atomic_dir
 from rmx_local.model_check import check_model_source
 from rmx_local.models import ModelSource, resolve_model
 from rmx_local.recipe import Recipe
-from rmx_local.scoring import (
-    DEFAULT_MAX_TOKENS,
-    ProblemRecord,
-    Prompt,
-    answer_agreement,
-    kl_on_base_completions,
-    metrics,
-    paired,
-    score_problems,
-)
+from rmx_local.scoring import (DEFAULT_MAX_TOKENS, ProblemRecord, Prompt, answer_agreement, kl_on_base_completions,
+                               metrics, paired, score_problems)
 from rmx_local.targets import Target, resolve_targets
 from rmx_local.tasks import Problem, arith_problems, arith_space_size
 

@@ -15,16 +15,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rmx_local.backends.base import (
-    Backend,
-    Progress,
-    SampleParams,
-    TrainExample,
-    common_prefix,
-    group_completions,
-    pick_backend_name,
-    strip_eos,
-)
+from rmx_local.backends.base import (Backend, Progress, SampleParams, TrainExample, common_prefix, group_completions,
+                                     pick_backend_name, strip_eos)
 from rmx_local.errors import RmxError
 
 __all__ = ["Backend", "Progress", "SampleParams", "TrainExample", "common_prefix", "group_completions", "load_backend",

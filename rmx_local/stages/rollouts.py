@@ -19,13 +19,8 @@ from rmx_local.engines import make_engine
 from rmx_local.errors import RmxError
 from rmx_local.io import Journal, atomic_write_json, read_json
 from rmx_local.stages import RunContext
-from rmx_local.tasks import (
-    Problem,
-    arith_problems,
-    arith_space_size,
-    encode_prompts as encode_questions,
-    resolve_template,
-)
+from rmx_local.tasks import (Problem, arith_problems, arith_space_size, encode_prompts as encode_questions,
+                             resolve_template)
 
 
 def split_problems(ctx: RunContext) -> dict[str, list[Problem]]:
