@@ -27,7 +27,7 @@ What runs where:
                  gradients are summed by `sum_grads` as above, every rank keeps the full LoRA and AdamW state, and a
                  checkpoint is the same full state (resumable with any number of ranks, FSDP on or off). Every
                  forward is now a collective, so every rank runs every pass: a rank short of entropy batches
-                 (`rounds`) or micro-batches (`deal`) gets empty ones, and the backend runs a zero-weight pass of a
+                 (stages/gate.py) or micro-batches (`deal`) gets empty ones, and the backend runs a zero-weight pass of a
                  dummy sequence for them. Rank 0 cannot run the sharded model alone, so what runs on rank 0 only
                  must not need it: rollouts from `rollout.engine = "openai"` / "llama_cpp", no evaluation and no
                  validation in the run (`check_supported` says so in one line; evaluate the adapter on a server).
@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 from typing import Any, Callable, Iterator, TypeVar
 
 from rmx_local.errors import RmxError
@@ -51,7 +50,6 @@ from rmx_local.lock import run_lock as folder_lock
 
 T = TypeVar("T")
 PARALLEL_STAGES = ("entropy", "train")  # the stages whose work the ranks share (the planner divides their time)
-PAST_END = sys.maxsize  # FSDP: the start `rounds` gives a rank with no batch left (slicing from it gives [])
 _mesh: Any = None  # FSDP's device mesh over every rank, set by `start_fsdp` (pipeline: recipe fsdp = true, WORLD_SIZE > 1)
 
 
@@ -231,13 +229,9 @@ def deal(items: list[T]) -> list[T]:
 
 
 def rounds(items: list[T]) -> list[list[T]]:
-    """`items` cut into consecutive rounds of `world` (item r of a round is rank r's). Sharded (FSDP), a short last
-    round is filled with `PAST_END`, a batch start past any list's end: that rank scores an empty batch."""
+    """`items` cut into consecutive rounds of `world` (item r of a round is rank r's; the last round may be short)."""
     n = world()
-    out = [items[i : i + n] for i in range(0, len(items), n)]
-    if sharded() and out:
-        out[-1] = out[-1] + [PAST_END] * (n - len(out[-1]))  # type: ignore[list-item]
-    return out
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def sum_tensors(tensors: list[Any]) -> None:

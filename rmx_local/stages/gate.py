@@ -47,7 +47,9 @@ def run_entropies(ctx: RunContext, seqs: list[dict]) -> list[np.ndarray]:
             bar.advance(len(seqs) - todo)
             for round_starts in dist.rounds(starts):  # one batch per rank at a time (one process: one batch)
                 mine = round_starts[dist.rank()] if dist.rank() < len(round_starts) else None
-                scored = dist.gather(None if mine is None else _score(ctx, seqs[mine : mine + batch]))
+                # sharded (FSDP), every forward is a collective: a rank with no batch left in the round scores none
+                work = seqs[mine : mine + batch] if mine is not None else ([] if dist.sharded() else None)
+                scored = dist.gather(None if work is None else _score(ctx, work))
                 for start, hs in zip(round_starts, scored):
                     chunk = seqs[start : start + batch]
                     for s, h in zip(chunk, hs):
