@@ -2,12 +2,12 @@
 
 The base model plus the exported adapter run in llama-cpp-python (GGUF) or mlx-lm (MLX), a `Streamer` each (not a
 rollout engine); `load_streamers(target, runtime, compare)` accepts a run folder (exporting the needed format on
-first use), a GGUF adapter file, or an MLX adapter folder. Tokens stream into
-a Rich panel, and `compare=True` streams base and adapted answers side by side (both advance token by token).
-When stdout is not a terminal the output is plain text: the answer as it streams, or with compare two
-`### base` / `### adapted` sections one after the other. Shortcut: greedy (temperature 0) by default; the
-REPL keeps one history per engine (each sees its own earlier answers); with `compare` the base is loaded a second
-time (no runtime adapter switching); a streamer keeps no state between calls (the caller passes the history).
+first use), a GGUF adapter file, or an MLX adapter folder. Tokens stream into a Rich panel, and `compare=True`
+streams base and adapted answers side by side (both advance token by token). When stdout is not a terminal the
+output is plain text: the answer as it streams, or with compare two `### base` / `### adapted` sections one after
+the other. Shortcuts: greedy (temperature 0) by default; the REPL keeps one history per streamer (each sees its own
+earlier answers); with `compare` the base is loaded a second time (no runtime adapter switching); a streamer keeps
+no state between calls (the caller passes the history).
 """
 
 from __future__ import annotations
