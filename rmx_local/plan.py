@@ -74,6 +74,16 @@ class ModelFacts:
         return cls(params, vocab, layers, h, inter, heads, kv, hd, tied)
 
     @property
+    def embedding_params(self) -> int:
+        """The input embeddings and, when untied, the output head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer's parameters (what FSDP shards): the total less the embeddings and the final norm."""
+        return (self.params - self.embedding_params - self.hidden) // self.layers
+
+    @property
     def head_flops(self) -> int:
         """FLOPs of one position's logits (the output head)."""
         return 2 * self.vocab * self.hidden
@@ -81,7 +91,7 @@ class ModelFacts:
     def flops_per_token(self, context: int, head: bool = True) -> float:
         """Forward FLOPs of one token: every matmul (not the embedding lookup; the output head only where the token's
         logits are computed) + attention."""
-        body = self.params - self.vocab * self.hidden * (1 if self.tied else 2)
+        body = self.params - self.embedding_params
         return 2 * body + self.head_flops * head + 4 * self.layers * self.heads * self.head_dim * context
 
     def kv_bytes_per_token(self, bytes_per: int) -> int:
@@ -242,10 +252,9 @@ def plan(r: Recipe, hf_path: str, machine: Machine | None = None) -> tuple[list[
     measured = measured_completion(r.run_dir)
     C = measured if measured is not None else ASSUMED_COMPLETION * r.rollout.max_tokens
     stages = estimate(r, facts, machine, P, C, torch.finfo(dtype).bits // 8, LOGITS_BUDGET_BYTES, shared)
-    layer_params = (facts.params - facts.vocab * facts.hidden * (1 if facts.tied else 2) - facts.hidden) // facts.layers
     facts_out = {"params": facts.params, "device": device, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": P,
                  "completion_tokens": C, "completion_measured": measured is not None, "machine": machine,
-                 "layers": facts.layers, "layer_bytes": layer_params * (torch.finfo(dtype).bits // 8)}
+                 "layers": facts.layers, "layer_bytes": facts.layer_params * (torch.finfo(dtype).bits // 8)}
     return stages, facts_out
 
 
@@ -261,8 +270,9 @@ def verdict(stages: list[Stage], memory: int) -> str | None:
 def per_rank(stages: list[Stage], ranks: int) -> list[float]:
     """Each stage's seconds under torchrun with `ranks` processes, one device each: the data-parallel stages'
     work split evenly (`distributed.PARALLEL_STAGES`), the rest on rank 0 while the others wait. Memory per rank
-    is the one-process peak (every rank holds the whole model), or `sharded_peaks` with fsdp = true. Shortcut: communication is not counted (one
-    all-reduce of the LoRA gradients per step, one gather of entropies per batch round)."""
+    is the one-process peak (every rank holds the whole model), or `sharded_peaks` with fsdp = true. Shortcut:
+    communication is not counted (one all-reduce of the LoRA gradients per step, one gather of entropies per batch
+    round)."""
     return [s.seconds / ranks if s.name in PARALLEL_STAGES else s.seconds for s in stages]
 
 
