@@ -84,12 +84,11 @@ def init() -> bool:
     except ImportError:
         raise RmxError(f"WORLD_SIZE = {world()} needs PyTorch's torch.distributed", fix="pip install torch, or run one process") from None
     if not dist.is_initialized():
-        import torch
+        if _cuda():
+            import torch
 
-        cuda = torch.cuda.is_available()
-        if cuda:
             torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if _cuda() else "gloo")
     return True
 
 
@@ -167,13 +166,7 @@ def param_bytes(module: Any) -> tuple[int, int]:
 
 def most(n: int) -> int:
     """The largest `n` over the ranks."""
-    if world() == 1:
-        return n
-    import torch
-
-    t = torch.tensor([n], device=device("cuda") if _cuda() else "cpu")  # NCCL reduces CUDA tensors
-    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
-    return int(t.item())
+    return max(gather(n))
 
 
 def device(name: str) -> str:
