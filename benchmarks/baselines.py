@@ -19,7 +19,10 @@ seed has a `fewshot` row, also against the few-shot base's, so a format fix is n
         `--eval-every-s` clock seconds; it stops at `--budget-x` x rmx's clock (capped by `--max-s`), when the
         accuracy has not risen for two checkpoints, or after `--grpo-epochs` epochs.
 Settings of rmx-local beside the recipe (the frontier): `--methods rmx[,rft] --tag NAME --set key=value ...` runs
-them as the method "rmx NAME" ("rft NAME" on that run's rollouts) in OUT/rmx-NAME-seedS/.
+them as the method "rmx NAME" ("rft NAME" on that run's rollouts) in OUT/rmx-NAME-seedS/. With `--reuse-rollouts`
+(settings of the gate or training only, e.g. the gate controls) "rmx NAME" trains in the seed's plain rmx folder
+instead, on its rollouts and entropies (their stage keys leave out gate and train), and is charged that run's
+rollout, grading and entropy time, as rft is charged its rollout and grading time.
 Clock: wall-clock and process CPU seconds (all threads) from the same start (model load), held-out scoring
 excluded (the same work for every method). CPU seconds are the fair clock on a shared machine; budgets and
 the headline use them. Results: OUT/results.jsonl (one line per finished run, resumable: finished rows are
@@ -171,13 +174,21 @@ def tagged(method: str, tag: str) -> str:
 
 
 def rmx_dir(args, seed: int) -> Path:
-    return Path(args.out) / (f"rmx-{args.tag}-seed{seed}" if args.tag else f"rmx-seed{seed}")
+    own = args.tag and not getattr(args, "reuse_rollouts", False)
+    return Path(args.out) / (f"rmx-{args.tag}-seed{seed}" if own else f"rmx-seed{seed}")
+
+
+def rmx_row(args, seed: int, results: dict) -> dict:
+    """The rmx run whose rollouts a method trains on (KeyError when it has not run: list rmx first)."""
+    return results[("rmx" if getattr(args, "reuse_rollouts", False) else tagged("rmx", args.tag), seed, None)]
 
 
 def run_rmx(args, seed: int, lr: float | None, results: dict) -> dict:
     from rmx_local.pipeline import run_pipeline
     from rmx_local.ui import UI
 
+    if args.tag and getattr(args, "reuse_rollouts", False):
+        return on_rollouts_of(args, seed, rmx_row(args, seed, results), ("rollouts", "verify", "entropy"))
     run_dir = rmx_dir(args, seed)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh folder: nothing reused, the clock is honest
     recipe = _recipe(args, seed, run_dir)
@@ -190,16 +201,19 @@ def run_rmx(args, seed: int, lr: float | None, results: dict) -> dict:
 
 
 def run_rft(args, seed: int, lr: float | None, results: dict) -> dict:
+    return on_rollouts_of(args, seed, rmx_row(args, seed, results), ("rollouts", "verify"), "train.objective=rft")
+
+
+def on_rollouts_of(args, seed: int, rmx: dict, shared: tuple[str, ...], *extra: str) -> dict:
+    """Train in rmx's run folder on its rollouts; the `shared` stages' time is charged from rmx's row."""
     from rmx_local.pipeline import run_pipeline
     from rmx_local.ui import UI
 
-    rmx = results[(tagged("rmx", args.tag), seed, None)]  # its rollouts are reused, so its sampling time is charged to rft too
-    recipe = _recipe(args, seed, rmx_dir(args, seed), "train.objective=rft")
+    recipe = _recipe(args, seed, rmx_dir(args, seed), *extra)
     key = recipe.section_hash("model", "task", "rollout", "select", "gate", "train", "seed")
     shutil.rmtree(Path(recipe.run_dir) / "train" / key, ignore_errors=True)
     s = run_pipeline(recipe, UI(rich=False))
     base, adapted = _eval_files(recipe, s["train"]["key"])
-    shared = ("rollouts", "verify")
     wall = _excluding_eval(s, "timings_s") + sum(rmx["stages_wall"].get(k, 0.0) for k in shared)
     cpu = _excluding_eval(s, "cpu_timings_s") + sum(rmx["stages_cpu"].get(k, 0.0) for k in shared)
     return {"base": base, "stages_wall": s["timings_s"], "stages_cpu": s["cpu_timings_s"], "train_sequences": s["train_sequences"],
@@ -429,10 +443,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/baselines")
     ap.add_argument("--set", action="append", default=[], help="recipe override for every method, e.g. threads=1")
     ap.add_argument("--tag", default="", help="name of a setting of rmx (and rft) given by --set: method 'rmx TAG'")
+    ap.add_argument("--reuse-rollouts", action="store_true",
+                    help="rmx TAG trains on the seed's rmx run's rollouts and entropies (gate and train settings only)")
     ap.add_argument("--report", action="store_true", help="only print the table from OUT/results.jsonl")
     args = ap.parse_args()
     if args.tag and "grpo" in args.methods.split(","):
         ap.error("--tag names a setting of rmx and rft; run grpo without it")
+    if args.reuse_rollouts and not args.tag:
+        ap.error("--reuse-rollouts needs --tag (the setting's name); the plain rmx run makes the rollouts")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:

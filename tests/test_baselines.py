@@ -134,6 +134,37 @@ def test_a_tagged_setting_is_its_own_method_folder_and_curve(tmp_path):
     assert (tmp_path / "baselines.png").stat().st_size > 1000
 
 
+def test_reused_rollouts_train_in_the_plain_rmx_folder_and_pay_for_its_sampling(tmp_path, monkeypatch):
+    """`--tag random --reuse-rollouts`: the setting trains in rmx-seed0/ (its rollouts and entropies) and its
+    clock adds that run's rollout, grading and entropy seconds to its own (here 7 + 100 + 10 + 20)."""
+    from types import SimpleNamespace
+
+    import rmx_local.pipeline
+
+    args = SimpleNamespace(out=str(tmp_path), tag="random", reuse_rollouts=True, set=["train.random_gate=true"],
+                           recipe=str(Path(__file__).parents[1] / "recipes" / "quickstart.toml"))
+    assert bl.rmx_dir(args, 0) == tmp_path / "rmx-seed0"
+    stages = {"rollouts": 100.0, "verify": 10.0, "entropy": 20.0, "train": 50.0}
+    results = {("rmx", 0, None): {"stages_wall": stages, "stages_cpu": stages}}
+    seen = []
+
+    def fake_pipeline(recipe, ui):
+        seen.append((Path(recipe.run_dir), recipe.train.random_gate))
+        t = {"load model": 2.0, "train": 5.0, "eval adapted": 99.0}
+        return {"timings_s": t, "cpu_timings_s": t, "total_s": 106.0, "total_cpu_s": 106.0, "train": {"key": "k", "steps": 3},
+                "train_sequences": 8}
+
+    monkeypatch.setattr(rmx_local.pipeline, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(bl, "_eval_files", lambda recipe, key: ([0.0, 1.0], [1.0, 1.0]))
+    row = bl.run_rmx(args, 0, None, results)
+    assert seen == [(tmp_path / "rmx-seed0", True)]
+    assert row["points"][-1]["cpu"] == 137.0 and row["points"][-1]["acc"] == 1.0
+    rft = bl.run_rft(args, 0, None, results)  # rft on the same rollouts: no entropy pass to pay for
+    assert rft["points"][-1]["cpu"] == 117.0
+    with pytest.raises(KeyError):  # no plain rmx row for seed 1: nothing to reuse
+        bl.run_rmx(args, 1, None, results)
+
+
 def test_every_gain_is_also_stated_against_the_few_shot_base(tmp_path):
     point = lambda cpu, per: {"step": 1, "wall": cpu, "cpu": cpu, "acc": float(np.mean(per)), "per_problem": per}
     base, few, rmx = [0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 1, 1]
