@@ -370,6 +370,30 @@ def rounds_results(out: Path, results: dict) -> dict:
     return found
 
 
+def over_seeds(results: dict) -> list[str]:
+    """One line per method (and GRPO lr): its end checkpoint averaged over seeds, gains paired per seed against that
+    seed's base (and few-shot base), ± the SE across seeds (0 with one seed). The end, not the best checkpoint:
+    choosing GRPO's best reads the held-out set."""
+    groups: dict[tuple, list] = {}
+    for (method, seed, lr), r in results.items():
+        groups.setdefault((method, lr), []).append((seed, r))
+    se = lambda xs: float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0  # noqa: E731
+    lines = ["| method | seeds | CPU s (mean) | held-out acc (mean ± SE over seeds) | gain vs base | gain vs few-shot base |",
+             "|---|---|---:|---|---|---|"]
+    for (method, lr), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        rows.sort(key=lambda sr: sr[0])
+        end = [r["points"][-1] for _, r in rows]
+        acc = [p["acc"] for p in end]
+        gain = [p["acc"] - float(np.mean(r["base"])) for p, (_, r) in zip(end, rows)]
+        few = [p["acc"] - results[("fewshot", s, None)]["points"][-1]["acc"] for p, (s, _) in zip(end, rows)
+               if ("fewshot", s, None) in results]
+        vs_few = f"{np.mean(few):+.3f} ± {se(few):.3f}" if few and method != "fewshot" else ""
+        name = f"{method} lr {lr:g}" if lr else method
+        lines.append(f"| {name} | {','.join(str(s) for s, _ in rows)} | {np.mean([p['cpu'] for p in end]):.0f} | "
+                     f"{np.mean(acc):.3f} ± {se(acc):.3f} | {np.mean(gain):+.3f} ± {se(gain):.3f} | {vs_few} |")
+    return lines
+
+
 def report(out: Path) -> str:
     results = load_results(out)
     results.update(rounds_results(out, results))
@@ -398,7 +422,7 @@ def report(out: Path) -> str:
                          f"{h['grpo_acc_at_rmx']:.3f}; GRPO best {h['grpo_best']:.3f} at {h['grpo_best_cpu']:.0f} CPU s; "
                          f"GRPO reaches rmx's accuracy after {reach}; stopped by {g.get('stop')}")
     plot(results, out / "baselines.png")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *over_seeds(results)])
 
 
 def plot(results: dict, path: Path) -> None:

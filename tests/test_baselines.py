@@ -177,3 +177,20 @@ def test_every_gain_is_also_stated_against_the_few_shot_base(tmp_path):
     assert f"| rmx | 0 |  | end (step 1) | 100 | 100 | 0.833 ± 0.167 | {z(rmx, base):+.1f} | +0.333 ({z(rmx, few):+.1f}) |" in table
     assert f"| fewshot | 0 |  | 3-shot base (step 1) | 9 | 9 | 0.500 ± 0.224 | {z(few, base):+.1f} |  |" in table
     assert f"| rmx | 0 |  | base (step 1) | 0 | 0 | 0.167 ± 0.167 | +0.0 | -0.333 ({z(base, few):+.1f}) |" in table
+
+
+def test_over_seeds_averages_end_checkpoints_and_pairs_each_seed_with_its_own_bases():
+    point = lambda cpu, per: {"step": 1, "wall": cpu, "cpu": cpu, "acc": float(np.mean(per)), "per_problem": per}
+    row = lambda m, seed, base, end, cpu, lr=None, mid=None: {
+        "method": m, "seed": seed, "lr": lr, "base": base, "shots": ["a"],
+        "points": [point(0, base), *([point(cpu / 2, mid)] if mid else []), point(cpu, end)]}
+    results = {(r["method"], r["seed"], r["lr"]): r for r in [
+        row("fewshot", 0, [0, 0, 0, 0], [1, 0, 0, 0], 4), row("fewshot", 1, [1, 0, 0, 0], [1, 1, 1, 0], 6),
+        row("rmx", 0, [0, 0, 0, 0], [1, 1, 0, 0], 100), row("rmx", 1, [1, 0, 0, 0], [1, 1, 1, 1], 300),
+        row("grpo", 0, [0, 0, 0, 0], [0, 0, 0, 0], 900, lr=1e-4, mid=[1, 1, 1, 1])]}
+    lines = bl.over_seeds(results)
+    # rmx: acc 0.5 and 1.0 (mean 0.75, SE 0.25); gains 0.5 and 0.75; vs few-shot 0.25 and 0.25
+    assert "| rmx | 0,1 | 200 | 0.750 ± 0.250 | +0.625 ± 0.125 | +0.250 ± 0.000 |" in lines
+    # GRPO's end, not its best (1.0) checkpoint
+    assert "| grpo lr 0.0001 | 0 | 900 | 0.000 ± 0.000 | +0.000 ± 0.000 | -0.250 ± 0.000 |" in lines
+    assert any(line.startswith("| fewshot | 0,1 | 5 | 0.500 ± 0.250 |") and line.endswith("|  |") for line in lines)
