@@ -13,6 +13,11 @@ Shortcuts taken (deliberately simple, documented so nobody is surprised):
   text after its last `=` (`x = 5` -> `5`), so "x = 5" and "5" match, and so do "x = 5" and "y = 5".
 - Numeric fast path: ints, decimals, `a/b`, `\\frac{a}{b}` and negatives are compared exactly as fractions with
   relative tolerance 1e-6. A percent is lenient, as in math-verify: `50%` matches both `50` and `0.5`.
+- An unevaluated expression is not an answer to a number: when the gold is a plain number, a final answer that
+  still holds an arithmetic operator between operands (`3 × 9`, `24 + 18`, `2^3`, `6 \\cdot 7`) is wrong even
+  where math-verify would evaluate it to the gold. Such an answer restates the question: Gemma 3 270M's base
+  writes "The answer is 3 × 9.", and TRL GRPO learned to, scoring 1.000 with nothing computed (docs/gemma.md).
+  A fraction `a/b` or `\\frac{a}{b}` is a number, not an expression.
 - Text answers (no number) match when equal after case-folding and removing spaces; otherwise math-verify
   sees pure words as `\\text{...}` (else "$Paris$" would be the product P*a*r*i*s and equal "$Sirap$").
 - math-verify's own signal-based timeouts are off (`parsing_timeout=None`, `timeout_seconds=None`): signals only
@@ -64,6 +69,7 @@ class Verdict:
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+(?![\d.]))?")
 _PHRASE_RE = re.compile(r"(?:answer\s*(?:is\b|:)\s*:?|####)[ \t]*([^\n]*)", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|;|,\s|\s(?:because|since|which|so|as)\b", re.IGNORECASE)
+_EXPRESSION_RE = re.compile(r"[\d)}]\s*(?:[-+*×·÷−^]|\\times|\\cdot|\\div)\s*[({\\]?\s*-?\d")  # `3 × 9`, `(2+1)*4`
 _LEADING_NUM_RE = re.compile(r"^([+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?)(\s*\\?%)?(?=\s|\\|$|[A-Za-z])(.*)$")
 
 
@@ -322,6 +328,8 @@ def _fast_verdict(completion: str, gold: str) -> tuple[Verdict | None, str | Non
     g_num, p_num = _as_number(gold_clean), _as_number(parsed)
     if g_num is not None and p_num is not None:
         return Verdict(_numeric_equal(g_num, p_num), parsed), parsed, gold_clean
+    if g_num is not None and _EXPRESSION_RE.search(parsed):  # the question restated, not answered
+        return Verdict(False, parsed), parsed, gold_clean
     if _text_key(parsed) == _text_key(gold_clean):
         return Verdict(True, parsed), parsed, gold_clean
     return None, parsed, gold_clean

@@ -30,6 +30,15 @@ GOLDEN = [
     ("\\boxed{x = 5}", "5", True, "5"),
     ("The answer is $x = 5$.", "x = 5", True, "5"),
     ("\\boxed{y = 2x + 1}", "2x+1", True, "2x + 1"),
+    # an expression restating the question is no answer to a number, even where it evaluates to the gold
+    ("What is 3 × 9? The answer is 3 × 9.", "27", False, "3 × 9"),
+    ("The answer is 24 + 18", "42", False, "24 + 18"),
+    ("\\boxed{6 \\cdot 7}", "42", False, "6 \\cdot 7"),
+    ("\\boxed{2^3}", "8", False, "2^3"),
+    ("\\boxed{3 - 5}", "-2", False, "3 - 5"),
+    ("3 × 9 = 27", "27", True, "27"),  # the calculation with its result is an answer
+    ("\\boxed{\\frac{54}{2}}", "27", True, "\\frac{54}{2}"),  # a fraction is a number
+    ("\\boxed{x+1}", "x+1", True, "x+1"),  # a symbolic gold keeps math-verify's equivalence
     # fractions, decimals
     ("\\boxed{\\frac{1}{2}}", "0.5", True, "\\frac{1}{2}"),
     ("The answer is 1/2", "\\frac{1}{2}", True, "1/2"),
