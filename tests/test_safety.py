@@ -111,7 +111,8 @@ def test_written_files_follow_the_umask_not_mkstemp(tmp_path, umask):
 
 
 PATHOLOGICAL = {
-    "power tower": "So the answer is $10^10^10^10$.",
+    "power tower": "So the answer is $10^10^10^10$.",  # against "5" an unevaluated expression, graded at once
+    "power tower (symbolic gold)": "So the answer is $10^10^10^10$.",  # math-verify's worker meets it
     "LaTeX nested 2000 deep": "\\boxed{" + "\\frac{1}{" * 2000 + "2" + "}" * 2001,
     "1 MB of unclosed boxes": "\\boxed{" * 150_000,
     "1 MB number": "The answer is " + "9" * 1_000_000,
@@ -126,7 +127,8 @@ def test_verifier_grades_pathological_answers_wrong_within_its_time_limit(name, 
     text = PATHOLOGICAL[name].replace("{marker}", str(tmp_path / "PWNED"))
     result: list = []
     started = time.monotonic()
-    worker = threading.Thread(target=lambda: result.append(verify(text, "5", timeout_s=1.0)), daemon=True)
+    gold = "x + 1" if name.endswith("(symbolic gold)") else "5"
+    worker = threading.Thread(target=lambda: result.append(verify(text, gold, timeout_s=1.0)), daemon=True)
     worker.start()
     worker.join(60)  # 1 s of math-verify, plus restarting its worker process on a busy machine
     assert not worker.is_alive(), f"verify still running after {time.monotonic() - started:.0f} s"
