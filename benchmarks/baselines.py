@@ -174,20 +174,20 @@ def tagged(method: str, tag: str) -> str:
 
 
 def rmx_dir(args, seed: int) -> Path:
-    own = args.tag and not getattr(args, "reuse_rollouts", False)
+    own = args.tag and not args.reuse_rollouts
     return Path(args.out) / (f"rmx-{args.tag}-seed{seed}" if own else f"rmx-seed{seed}")
 
 
 def rmx_row(args, seed: int, results: dict) -> dict:
     """The rmx run whose rollouts a method trains on (KeyError when it has not run: list rmx first)."""
-    return results[("rmx" if getattr(args, "reuse_rollouts", False) else tagged("rmx", args.tag), seed, None)]
+    return results[("rmx" if args.reuse_rollouts else tagged("rmx", args.tag), seed, None)]
 
 
 def run_rmx(args, seed: int, lr: float | None, results: dict) -> dict:
     from rmx_local.pipeline import run_pipeline
     from rmx_local.ui import UI
 
-    if args.tag and getattr(args, "reuse_rollouts", False):
+    if args.reuse_rollouts:  # main() refuses it without --tag
         return on_rollouts_of(args, seed, rmx_row(args, seed, results), ("rollouts", "verify", "entropy"))
     run_dir = rmx_dir(args, seed)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh folder: nothing reused, the clock is honest
@@ -207,10 +207,11 @@ def run_rft(args, seed: int, lr: float | None, results: dict) -> dict:
 def on_rollouts_of(args, seed: int, rmx: dict, shared: tuple[str, ...], *extra: str) -> dict:
     """Train in rmx's run folder on its rollouts; the `shared` stages' time is charged from rmx's row."""
     from rmx_local.pipeline import run_pipeline
+    from rmx_local.stages.train import TRAIN_KEY_SECTIONS
     from rmx_local.ui import UI
 
     recipe = _recipe(args, seed, rmx_dir(args, seed), *extra)
-    key = recipe.section_hash("model", "task", "rollout", "select", "gate", "train", "seed")
+    key = recipe.section_hash(*TRAIN_KEY_SECTIONS)
     shutil.rmtree(Path(recipe.run_dir) / "train" / key, ignore_errors=True)
     s = run_pipeline(recipe, UI(rich=False))
     base, adapted = _eval_files(recipe, s["train"]["key"])
@@ -374,10 +375,11 @@ def over_seeds(results: dict) -> list[str]:
     """One line per method (and GRPO lr): its end checkpoint averaged over seeds, gains paired per seed against that
     seed's base (and few-shot base), ± the SE across seeds (0 with one seed). The end, not the best checkpoint:
     choosing GRPO's best reads the held-out set."""
+    from rmx_local.scoring import mean_se
+
     groups: dict[tuple, list] = {}
     for (method, seed, lr), r in results.items():
         groups.setdefault((method, lr), []).append((seed, r))
-    se = lambda xs: float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0  # noqa: E731
     lines = ["| method | seeds | CPU s (mean) | held-out acc (mean ± SE over seeds) | gain vs base | gain vs few-shot base |",
              "|---|---|---:|---|---|---|"]
     for (method, lr), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
@@ -387,10 +389,11 @@ def over_seeds(results: dict) -> list[str]:
         gain = [p["acc"] - float(np.mean(r["base"])) for p, (_, r) in zip(end, rows)]
         few = [p["acc"] - results[("fewshot", s, None)]["points"][-1]["acc"] for p, (s, _) in zip(end, rows)
                if ("fewshot", s, None) in results]
-        vs_few = f"{np.mean(few):+.3f} ± {se(few):.3f}" if few and method != "fewshot" else ""
+        (a, a_se), (g, g_se), (f, f_se) = mean_se(acc), mean_se(gain), mean_se(few)
+        vs_few = f"{f:+.3f} ± {f_se:.3f}" if few and method != "fewshot" else ""
         name = f"{method} lr {lr:g}" if lr else method
         lines.append(f"| {name} | {','.join(str(s) for s, _ in rows)} | {np.mean([p['cpu'] for p in end]):.0f} | "
-                     f"{np.mean(acc):.3f} ± {se(acc):.3f} | {np.mean(gain):+.3f} ± {se(gain):.3f} | {vs_few} |")
+                     f"{a:.3f} ± {a_se:.3f} | {g:+.3f} ± {g_se:.3f} | {vs_few} |")
     return lines
 
 

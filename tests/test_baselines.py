@@ -122,9 +122,9 @@ def test_paired_z_against_base():
 def test_a_tagged_setting_is_its_own_method_folder_and_curve(tmp_path):
     from types import SimpleNamespace
 
-    args = SimpleNamespace(out=str(tmp_path), tag="K16")
+    args = SimpleNamespace(out=str(tmp_path), tag="K16", reuse_rollouts=False)
     assert bl.rmx_dir(args, 2) == tmp_path / "rmx-K16-seed2" and bl.tagged("rft", "K16") == "rft K16"
-    assert bl.rmx_dir(SimpleNamespace(out=str(tmp_path), tag=""), 2) == tmp_path / "rmx-seed2"
+    assert bl.rmx_dir(SimpleNamespace(out=str(tmp_path), tag="", reuse_rollouts=False), 2) == tmp_path / "rmx-seed2"
     point = lambda cpu, acc: {"step": 1, "wall": cpu, "cpu": cpu, "acc": acc, "per_problem": [acc] * 4}
     rows = [{"method": m, "seed": 0, "lr": None, "base": [0.0] * 4, "points": [point(0, 0.0), point(c, a)]}
             for m, c, a in [("rmx", 100, 0.5), ("rmx K16", 180, 0.75)]]
